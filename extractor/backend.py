@@ -1,0 +1,95 @@
+"""The one interface every model backend implements.
+
+A backend takes a batch of requests and yields one result per request as it finishes. The
+llama.cpp engine, the perfect-answer oracle and the scripted test backends all sit behind it,
+so retries, fallbacks and post-processing are written once and tested without a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation: the rendered prompt, the answer schema and what to score.
+
+    `choices` maps a field name to the JSON literals whose log-likelihood the backend reports at
+    the point where that field's value starts.
+    """
+
+    uid: str
+    messages: tuple[Message, ...]
+    prompt: str
+    prompt_tokens: int
+    schema: Mapping[str, Any]
+    max_tokens: int
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Result:
+    """What came back for one request.
+
+    `likelihoods[field][literal]` is a log-probability; `finished` is False when generation
+    stopped at the token budget rather than at the end of the JSON.
+    """
+
+    uid: str
+    text: str
+    likelihoods: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    finished: bool = True
+    error: str | None = None
+
+
+class ChatTokenizer(Protocol):
+    """What prompt building needs from a model: its chat template and token counts."""
+
+    @property
+    def context_limit(self) -> int: ...
+
+    def render(self, messages: Sequence[Message]) -> str: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Result]: ...
+
+
+class PlainTokenizer:
+    """A model-free stand-in for backends without a tokenizer (oracle, prior, scripted tests).
+
+    One token per character, so truncation and counting stay exact and reversible.
+    """
+
+    def __init__(self, context_limit: int = 1 << 24) -> None:
+        self._limit = context_limit
+
+    @property
+    def context_limit(self) -> int:
+        return self._limit
+
+    def render(self, messages: Sequence[Message]) -> str:
+        return "".join(f"<{m.role}>\n{m.content}\n" for m in messages) + "<assistant>\n"
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(ch) for ch in text]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return "".join(chr(t) for t in tokens)

@@ -1,0 +1,212 @@
+"""Answers to DRAGON prediction values, as pure functions.
+
+Binary fields become probabilities from the model's likelihoods, label fields the most likely
+training label, numbers floats, and entity lists BIO tags aligned to the job's words.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from extractor.taskfiles import NUMBERED_TAG, OutputField, Taskfile
+
+MAX_ENTITY_WORDS = 64
+POSITION_TOLERANCE = 2  # a start this many words off still counts as the entity's position
+
+
+def probability_true(likelihoods: Mapping[str, float] | None, answer: bool) -> float:
+    """P(true) from the log-likelihoods of `true` and `false`; the hard answer when absent."""
+    if not likelihoods or "true" not in likelihoods or "false" not in likelihoods:
+        return 1.0 if answer else 0.0
+    lt, lf = likelihoods["true"], likelihoods["false"]
+    if not (math.isfinite(lt) or math.isfinite(lf)):
+        return 1.0 if answer else 0.0
+    diff = lf - lt
+    if diff > 700:
+        return 0.0
+    return float(min(max(1.0 / (1.0 + math.exp(diff)), 0.0), 1.0))
+
+
+def most_likely_label(likelihoods: Mapping[str, float] | None, answer: str, labels: Sequence[str]) -> str:
+    """The allowed label with the highest likelihood (literals are JSON strings); else the answer."""
+    if likelihoods:
+        scored = [(likelihoods.get(orjson.dumps(lab).decode(), -math.inf), lab) for lab in labels]
+        best_score, best = max(scored, key=lambda pair: pair[0])
+        if math.isfinite(best_score):
+            return best
+    return answer if answer in labels else labels[0]
+
+
+def field_value(field: OutputField, value: Any, likelihoods: Mapping[str, float] | None) -> Any:
+    if field.type == "boolean":
+        return probability_true(likelihoods, bool(value))
+    if field.type == "label":
+        return most_likely_label(likelihoods, value, field.labels or ())
+    if field.type == "number":
+        if value is None or not math.isfinite(float(value)):
+            return float(field.missing_value)
+        return float(value)
+    raise ValueError(f"field {field.name!r}: entities need the case's words (use entities_to_tags)")
+
+
+def _norm(text: str) -> str:
+    return "".join(text.split()).lower()
+
+
+def match_at(words: Sequence[str], start: int, target: str) -> int | None:
+    """End (exclusive) of the word run from `start` whose joined text equals `target`.
+
+    Comparison ignores case and white space, so the model's "3.8 mm." matches words
+    ["3.8", "mm", "."] as well as ["3.8", "mm."].
+    """
+    if not target or not 0 <= start < len(words):
+        return None
+    acc = ""
+    for k in range(start, min(len(words), start + MAX_ENTITY_WORDS)):
+        acc += _norm(words[k])
+        if acc == target:
+            return k + 1
+        if not target.startswith(acc):
+            return None
+    return None
+
+
+def find_spans(words: Sequence[str], target: str) -> list[tuple[int, int]]:
+    """Every non-overlapping occurrence of `target` in the words, left to right."""
+    spans, s = [], 0
+    while s < len(words):
+        end = match_at(words, s, target) if _norm(words[s]) else None
+        if end is not None:
+            spans.append((s, end))
+            s = end
+        else:
+            s += 1
+    return spans
+
+
+@dataclass(frozen=True)
+class Placed:
+    start: int
+    end: int
+    label: str  # tag name without B-/I-: "lesion", "3-lesion", "<DATUM>"
+
+
+def _span_from_position(
+    ent: Mapping[str, Any], words: Sequence[str], target: str, max_chars: int
+) -> tuple[int, int] | None:
+    """The entity's own span, or None when its position is unusable.
+
+    The text found at (or next to) `start` wins, unless the text was written abbreviated (long
+    entities hit the length bound): then `start`..`end` is used if the span begins with that text.
+    """
+    start, end = ent.get("start"), ent.get("end")
+    if not isinstance(start, int):
+        return None
+    by_text = None
+    for offset in sorted(range(-POSITION_TOLERANCE, POSITION_TOLERANCE + 1), key=abs):
+        stop = match_at(words, start + offset, target)
+        if stop is not None:
+            by_text = (start + offset, stop)
+            break
+    by_range = None
+    if isinstance(end, int) and 0 <= start <= end < len(words) and target:
+        if _norm("".join(words[start : end + 1])).startswith(target):
+            by_range = (start, end + 1)
+    abbreviated = len(str(ent.get("text", ""))) >= 0.9 * max_chars
+    if by_range and (by_text is None or abbreviated):
+        return by_range
+    return by_text
+
+
+def place_entities(entities: Sequence[Mapping[str, Any]], words: Sequence[str], tf: Taskfile) -> list[Placed]:
+    """Resolve each entity to word spans: its own position when usable, else the Taskfile's fallback."""
+    assert tf.ner is not None
+    placed: list[Placed] = []
+    for ent in entities:
+        target = _norm(str(ent.get("text", "")))
+        label = str(ent["type"])
+        if tf.ner.numbered:
+            label = f"{ent['item']}-{label}"
+        span = _span_from_position(ent, words, target, tf.ner.max_text_chars)
+        if span is not None:
+            placed.append(Placed(span[0], span[1], label))
+            continue
+        spans = find_spans(words, target)
+        if tf.ner.unplaced == "first":
+            spans = spans[:1]
+        placed += [Placed(s, e, label) for s, e in spans]
+    return placed
+
+
+def spans_to_tags(placed: Sequence[Placed], n_words: int, *, multi: bool) -> list[Any]:
+    """BIO tags per word; single-label keeps the first entity where spans overlap."""
+    ordered = sorted(placed, key=lambda p: (p.start, -(p.end - p.start), p.label))
+    if not multi:
+        tags = ["O"] * n_words
+        for p in ordered:
+            if p.end > n_words or any(t != "O" for t in tags[p.start : p.end]):
+                continue
+            tags[p.start] = f"B-{p.label}"
+            for k in range(p.start + 1, p.end):
+                tags[k] = f"I-{p.label}"
+        return tags
+    lists: list[list[str]] = [[] for _ in range(n_words)]
+    for p in ordered:
+        if p.end > n_words or any(t[2:] == p.label for k in range(p.start, p.end) for t in lists[k]):
+            continue
+        lists[p.start].append(f"B-{p.label}")
+        for k in range(p.start + 1, p.end):
+            lists[k].append(f"I-{p.label}")
+    return [sorted(t) if t else ["O"] for t in lists]
+
+
+def entities_to_tags(entities: Sequence[Mapping[str, Any]], words: Sequence[str], tf: Taskfile) -> list[Any]:
+    return spans_to_tags(place_entities(entities, words, tf), len(words), multi=tf.task_type.multi)
+
+
+def tags_to_spans(tags: Sequence[Any], *, multi: bool) -> list[Placed]:
+    """Entity spans of a BIO sequence, read as seqeval reads it (an I- after O starts an entity)."""
+    per_word = [list(t) for t in tags] if multi else [[t] for t in tags]
+    labels = sorted({t[2:] for word in per_word for t in word if t != "O" and len(t) > 2})
+    spans: list[Placed] = []
+    for label in labels:
+        start = None
+        for k, word in enumerate(per_word + [[]]):
+            has_b, has_i = f"B-{label}" in word, f"I-{label}" in word
+            if start is not None and not has_i:
+                spans.append(Placed(start, k, label))
+                start = None
+            if has_b or (has_i and start is None):
+                if start is not None:
+                    spans.append(Placed(start, k, label))
+                start = k
+    return sorted(spans, key=lambda p: (p.start, p.end, p.label))
+
+
+def split_label(label: str, *, numbered: bool) -> tuple[int | None, str]:
+    """ "3-lesion" -> (3, "lesion") for numbered tags; (None, label) otherwise."""
+    if numbered:
+        m = NUMBERED_TAG.match(label)
+        if m:
+            return int(m.group(1)), m.group(2)
+    return None, label
+
+
+def to_prediction(
+    answer: Mapping[str, Any],
+    likelihoods: Mapping[str, Mapping[str, float]],
+    tf: Taskfile,
+    words: Sequence[str] | None,
+) -> Any:
+    """The DRAGON prediction value for one case from its validated answer."""
+    ttype = tf.task_type
+    if ttype.is_ner:
+        field = tf.fields[0]
+        return entities_to_tags(answer.get(field.name) or [], words or (), tf)
+    values = [field_value(f, answer.get(f.name), likelihoods.get(f.name)) for f in tf.fields]
+    return values if ttype.multi else values[0]

@@ -1,0 +1,46 @@
+"""The training-set prior: the answer given when the model cannot give one.
+
+Majority label, base rate, median value, all "O": the floor every other number is compared to.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from extractor.dragon_io import Case
+from extractor.tasktypes import TaskType, ValueKind
+
+
+def _column(labels: Sequence[Any], ttype: TaskType, kind: ValueKind) -> Any:
+    present = [v for v in labels if v is not None]
+    if kind is ValueKind.BINARY:
+        return float(sum(bool(v) for v in present) / len(present)) if present else 0.5
+    if kind is ValueKind.CLASS:
+        counts = Counter(present)
+        return min(counts, key=lambda lab: (-counts[lab], lab)) if counts else ""
+    return float(statistics.median(present)) if present else 0.0
+
+
+class TrainingPrior:
+    """Per-task constant answers learned from the training labels (NER: all "O")."""
+
+    def __init__(self, train: Sequence[Case], ttype: TaskType) -> None:
+        self.ttype = ttype
+        self.value: Any = None
+        if ttype.is_ner:
+            return
+        labels = [c.label for c in train]
+        if ttype.multi:
+            width = len(labels[0]) if labels else 0
+            self.value = [_column([lab[i] for lab in labels], ttype, ttype.kind) for i in range(width)]
+        else:
+            self.value = _column(labels, ttype, ttype.kind)
+
+    def __call__(self, case: Case) -> Any:
+        if self.ttype.is_ner:
+            n = len(case.parts or ())
+            return [["O"] for _ in range(n)] if self.ttype.multi else ["O"] * n
+        return list(self.value) if self.ttype.multi else self.value

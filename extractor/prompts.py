@@ -1,0 +1,170 @@
+"""Prompts: fixed instructions first, the report last, fitted to a token budget.
+
+Everything before the report is identical for every case of a job, so the engine's KV cache
+reuses it after the first report. Reports stay in their own language.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from extractor.backend import ChatTokenizer, Message, Request
+from extractor.dragon_io import Case
+from extractor.schema import REASONING_FIELD, answer_schema, score_choices
+from extractor.taskfiles import OutputField, Taskfile
+
+SYSTEM_PREAMBLE = (
+    "You are a careful clinical data abstractor. You read one medical report at a time and answer "
+    "questions about it with a single JSON object. Answer from the report alone; the report may be "
+    "in Dutch: read it in Dutch, do not translate it."
+)
+SAFETY_MARGIN_TOKENS = 8
+
+
+def _describe_field(field: OutputField, tf: Taskfile) -> str:
+    if field.type == "boolean":
+        kind = "true or false"
+    elif field.type == "label":
+        kind = "one of " + ", ".join(orjson.dumps(lab).decode() for lab in field.labels or ())
+    elif field.type == "number":
+        kind = "a number" + (", or null when the report does not give it" if field.nullable else "")
+    else:
+        assert tf.ner is not None
+        item = ', "item": the item number' if tf.ner.numbered else ""
+        kind = (
+            'a list of entities, each {"start": number of its first word, "text": its words as written, '
+            f'"end": number of its last word, "type": one of {", ".join(orjson.dumps(t).decode() for t in tf.ner.entity_types)}{item}}}'
+        )
+    text = f'- "{field.name}": {kind}.'
+    if field.description:
+        text += f" {field.description}"
+    return text
+
+
+def system_prompt(tf: Taskfile, *, reasoning: bool) -> str:
+    """The fixed part of every prompt of a job: role, task instructions and the answer format."""
+    lines = [SYSTEM_PREAMBLE, "", "Task:", tf.instructions.strip(), ""]
+    if tf.ner is not None and tf.ner.type_descriptions:
+        lines.append("Entity types:")
+        lines += [f"- {name}: {desc}" for name, desc in tf.ner.type_descriptions.items()]
+        lines.append("")
+    if tf.input.kind == "words":
+        lines.append("The report is given as numbered words, [n]word. Give each entity the numbers of its first and last word.")
+        lines.append("")
+    lines.append("Answer with one JSON object with these keys, in this order:")
+    if reasoning:
+        lines.append(
+            f'- "{REASONING_FIELD}": a short explanation (at most {tf.reasoning.max_chars} characters) '
+            "of what in the report decides the answer."
+        )
+    lines += [_describe_field(f, tf) for f in tf.fields]
+    return "\n".join(lines)
+
+
+def render_case(parts: Sequence[str] | None, text: str | None, tf: Taskfile, first_word: int = 0) -> str:
+    """The case as the model sees it: plain text, labelled parts, or numbered words."""
+    kind = tf.input.kind
+    if kind == "words":
+        return " ".join(f"[{first_word + i}]{w}" for i, w in enumerate(parts or ()))
+    if kind in ("sentence_pair", "block_report") and parts is not None:
+        names = list(tf.input.part_names) or [f"Part {i + 1}" for i in range(len(parts))]
+        names += [f"Part {i + 1}" for i in range(len(names), len(parts))]
+        return "\n".join(f"{name}: {part}" for name, part in zip(names, parts, strict=False))
+    return text if text is not None else "\n".join(parts or ())
+
+
+def messages_for(tf: Taskfile, case_text: str, *, reasoning: bool) -> tuple[Message, ...]:
+    return (
+        Message("system", system_prompt(tf, reasoning=reasoning)),
+        Message("user", "Report:\n" + case_text),
+    )
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """One case's prompt and what fitting it to the context cost."""
+
+    request: Request
+    truncated: bool
+
+
+class PromptBuilder:
+    """Builds requests for one job: renders, counts with the model's tokenizer, truncates."""
+
+    def __init__(
+        self,
+        tf: Taskfile,
+        tokenizer: ChatTokenizer,
+        *,
+        truncation_side: str,
+        context_limit: int,
+    ) -> None:
+        self.tf = tf
+        self.tokenizer = tokenizer
+        self.side = truncation_side
+        self.context_limit = min(context_limit, tokenizer.context_limit)
+        self.choices = score_choices(tf)
+
+    def build(self, case: Case, *, reasoning: bool, max_tokens: int, attempt: int = 1) -> PromptPlan:
+        """Render one case; cut the report on the configured side when the prompt would not fit."""
+        tf = self.tf
+        max_tokens = min(max_tokens, self.context_limit // 2)
+        budget = self.context_limit - max_tokens - SAFETY_MARGIN_TOKENS
+        parts, text, first_word = case.parts, case.text, 0
+        messages = messages_for(tf, render_case(parts, text, tf), reasoning=reasoning)
+        prompt = self.tokenizer.render(messages)
+        n_tokens = len(self.tokenizer.tokenize(prompt))
+        truncated = n_tokens > budget
+        if truncated:
+            empty = len(self.tokenizer.tokenize(self.tokenizer.render(messages_for(tf, "", reasoning=reasoning))))
+            allowed = max(budget - empty, 1)
+            if tf.input.kind == "words":
+                parts, first_word = self._fit_words(parts or (), allowed)
+            elif parts is not None and text is None:
+                last = self._cut(parts[-1], allowed - self._count_tokens("\n".join(parts[:-1])))
+                parts = (*parts[:-1], last)
+            else:
+                text = self._cut(text or "", allowed)
+            messages = messages_for(tf, render_case(parts, text, tf, first_word), reasoning=reasoning)
+            prompt = self.tokenizer.render(messages)
+            n_tokens = len(self.tokenizer.tokenize(prompt))
+        request = Request(
+            uid=case.uid,
+            messages=messages,
+            prompt=prompt,
+            prompt_tokens=n_tokens,
+            schema=answer_schema(tf, reasoning=reasoning),
+            max_tokens=max_tokens,
+            choices=self.choices,
+            attempt=attempt,
+        )
+        return PromptPlan(request=request, truncated=truncated)
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.tokenize(text)) if text else 0
+
+    def _cut(self, text: str, allowed: int) -> str:
+        tokens = self.tokenizer.tokenize(text)
+        if len(tokens) <= allowed:
+            return text
+        allowed = max(allowed, 0)
+        kept = tokens[len(tokens) - allowed :] if self.side == "left" else tokens[:allowed]
+        return self.tokenizer.detokenize(kept)
+
+    def _fit_words(self, words: Sequence[str], allowed: int) -> tuple[tuple[str, ...], int]:
+        """Keep the longest run of whole words that fits; words cut off are tagged O later."""
+        lo, hi = 0, len(words)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            kept = words[len(words) - mid :] if self.side == "left" else words[:mid]
+            first = len(words) - mid if self.side == "left" else 0
+            if self._count_tokens(render_case(kept, None, self.tf, first)) <= allowed:
+                lo = mid
+            else:
+                hi = mid - 1
+        first = len(words) - lo if self.side == "left" else 0
+        kept = words[first:] if self.side == "left" else words[:lo]
+        return tuple(kept), first

@@ -1,0 +1,175 @@
+"""Run settings: command-line flags, each with an environment variable, and model lookup.
+
+Precedence: a flag beats its environment variable, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLATFORM_MODEL_DIR = Path("/opt/ml/model")
+BUNDLED_MODEL_DIR = REPO_ROOT / "models"
+SPLIT_PART = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    input: Path
+    output: Path
+    model: Path | None
+    taskfiles: Path
+    max_cases: int | None
+    n_ctx: int | None
+    threads: int
+    gpu: str
+    allow_cpu: bool
+    reasoning: str
+    summary: Path | None
+    log_level: str
+    seed: int | None
+
+
+# (flag, environment variable, default, help); the table is also what the README documents.
+OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
+    ("--input", "DRAGON_INPUT", "/input", "job folder with the four DRAGON JSON files"),
+    ("--output", "DRAGON_OUTPUT", "/output", "folder for nlp-predictions-dataset.json"),
+    (
+        "--model",
+        "DRAGON_MODEL",
+        None,
+        "GGUF file (default: *.gguf in /opt/ml/model, then models/)",
+    ),
+    (
+        "--taskfiles",
+        "DRAGON_TASKFILES",
+        str(REPO_ROOT / "taskfiles"),
+        "folder of Taskfile JSON files",
+    ),
+    (
+        "--max-cases",
+        "DRAGON_MAX_CASES",
+        None,
+        "predict only the first N test cases (quick checks)",
+    ),
+    (
+        "--n-ctx",
+        "DRAGON_N_CTX",
+        None,
+        "upper bound on the context size (default: sized per job)",
+    ),
+    ("--threads", "DRAGON_THREADS", "0", "CPU threads (0: all cores)"),
+    ("--gpu", "DRAGON_GPU", "auto", "auto | on | off: offload layers to the GPU"),
+    (
+        "--reasoning",
+        "DRAGON_REASONING",
+        "auto",
+        "auto (as the Taskfile says) | on | off",
+    ),
+    ("--summary", "DRAGON_SUMMARY", None, "also write the run summary as JSON here"),
+    ("--log-level", "DRAGON_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING"),
+    ("--seed", "DRAGON_SEED", None, "random seed (default: the job id)"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Extract DRAGON answers from clinical reports with a local GGUF model.",
+        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable.",
+    )
+    for flag, env, default, help_text in OPTIONS:
+        parser.add_argument(
+            flag,
+            default=os.environ.get(env, default),
+            help=f"{help_text} [{env}; default {default}]",
+        )
+    allow = os.environ.get("DRAGON_ALLOW_CPU", "").lower() in ("1", "true", "yes")
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        default=allow,
+        help="run on the CPU even when an NVIDIA GPU is visible but unusable [DRAGON_ALLOW_CPU]",
+    )
+    return parser
+
+
+def _int_or_none(value: str | None, name: str) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}: expected a whole number, got {value!r}") from None
+
+
+def parse_settings(argv: Sequence[str] | None = None) -> Settings:
+    args = build_parser().parse_args(argv)
+    if args.gpu not in ("auto", "on", "off"):
+        raise SystemExit(f"--gpu: expected auto, on or off, got {args.gpu!r}")
+    if args.reasoning not in ("auto", "on", "off"):
+        raise SystemExit(f"--reasoning: expected auto, on or off, got {args.reasoning!r}")
+    return Settings(
+        input=Path(args.input),
+        output=Path(args.output),
+        model=Path(args.model) if args.model else None,
+        taskfiles=Path(args.taskfiles),
+        max_cases=_int_or_none(args.max_cases, "--max-cases"),
+        n_ctx=_int_or_none(args.n_ctx, "--n-ctx"),
+        threads=_int_or_none(args.threads, "--threads") or 0,
+        gpu=args.gpu,
+        allow_cpu=bool(args.allow_cpu),
+        reasoning=args.reasoning,
+        summary=Path(args.summary) if args.summary else None,
+        log_level=str(args.log_level).upper(),
+        seed=_int_or_none(args.seed, "--seed"),
+    )
+
+
+def _models_in(folder: Path) -> list[Path]:
+    """The loadable models of a folder: every *.gguf, a split model counted once by its first part."""
+    found = []
+    for path in sorted(folder.glob("*.gguf")):
+        m = SPLIT_PART.match(path.name)
+        if m and int(m.group("part")) != 1:
+            continue
+        found.append(path)
+    return found
+
+
+def find_model(
+    explicit: Path | None,
+    places: Sequence[Path] = (PLATFORM_MODEL_DIR, BUNDLED_MODEL_DIR),
+) -> Path:
+    """`--model`, else the one *.gguf of the platform's model folder, else the bundled one."""
+    if explicit is not None:
+        if explicit.is_file():
+            return explicit
+        if explicit.is_dir():
+            places = (explicit,)
+        else:
+            raise ModelNotFound(f"--model {explicit}: no such file")
+    looked = []
+    for folder in places:
+        looked.append(str(folder))
+        if not folder.is_dir():
+            continue
+        models = _models_in(folder)
+        if len(models) > 1:
+            listing = ", ".join(p.name for p in models)
+            raise ModelNotFound(f"{folder} holds several models ({listing}); choose one with --model")
+        if models:
+            return models[0]
+    raise ModelNotFound(
+        "no GGUF model found; looked in: --model (not given), "
+        + ", ".join(looked)
+        + ". Run scripts/fetch_default_model.sh or pass --model PATH."
+    )

@@ -34,9 +34,10 @@ def _describe_field(field: OutputField, tf: Taskfile) -> str:
     else:
         assert tf.ner is not None
         item = ', "item": the item number' if tf.ner.numbered else ""
+        types = ", ".join(orjson.dumps(t).decode() for t in tf.ner.entity_types)
         kind = (
             'a list of entities, each {"start": number of its first word, "text": its words as written, '
-            f'"end": number of its last word, "type": one of {", ".join(orjson.dumps(t).decode() for t in tf.ner.entity_types)}{item}}}'
+            f'"end": number of its last word, "type": one of {types}{item}}}'
         )
     text = f'- "{field.name}": {kind}.'
     if field.description:
@@ -52,7 +53,9 @@ def system_prompt(tf: Taskfile, *, reasoning: bool) -> str:
         lines += [f"- {name}: {desc}" for name, desc in tf.ner.type_descriptions.items()]
         lines.append("")
     if tf.input.kind == "words":
-        lines.append("The report is given as numbered words, [n]word. Give each entity the numbers of its first and last word.")
+        lines.append(
+            "The report is given as numbered words, [n]word. Give each entity the numbers of its first and last word."
+        )
         lines.append("")
     lines.append("Answer with one JSON object with these keys, in this order:")
     if reasoning:

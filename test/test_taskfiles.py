@@ -9,8 +9,8 @@ from conftest import REPO, write_job
 
 from extractor.dragon_io import load_job
 from extractor.taskfiles import (
-    TaskfileError,
     Taskfile,
+    TaskfileError,
     derive_taskfile,
     load_taskfile,
     load_taskfiles,

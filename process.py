@@ -74,7 +74,8 @@ def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | 
         summary.taskfile, summary.taskfile_sha256 = tf.source, tf.digest()
 
     with summary.stage("build prompts"):
-        tokenizer, start_backend = open_backend(backend, settings, job, tf, ground_truth, summary)
+        kind = backend if cases else "prior"  # nothing to ask: no model to load
+        tokenizer, start_backend = open_backend(kind, settings, job, tf, ground_truth, summary)
         builder = PromptBuilder(
             tf,
             tokenizer,

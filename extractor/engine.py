@@ -102,7 +102,9 @@ class LlamaChat:
         bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
         eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        self._limit = model.n_ctx_train()
+        arch = llm.metadata.get("general.architecture", "")
+        # A vocab-only load reports 0 as the trained context; the GGUF metadata has it.
+        self._limit = model.n_ctx_train() or int(llm.metadata.get(f"{arch}.context_length", 4096))
 
     @classmethod
     def open(cls, model_path: Path) -> LlamaChat:
@@ -209,6 +211,7 @@ class LlamaEngine:
             sorted=False,
         )
         self._ids = np.arange(self.n_vocab, dtype=np.intc)
+        self._piece_buf = ctypes.create_string_buffer(256)
         log.info(
             "loaded %s in %.1fs (context %d, %d threads)",
             Path(model_path).name,
@@ -294,7 +297,8 @@ class LlamaEngine:
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            piece = self.llm._model.token_to_piece(token, special=False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            piece = bytes(self._piece_buf[: max(n, 0)])
             self._pieces[token] = piece
         return piece
 

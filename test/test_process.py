@@ -1,0 +1,84 @@
+"""process.py end to end: bad input, and real runs of the default model on every task type."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import DEFAULT_MODEL, GROUND_TRUTH, JOBS, REPO, needs_model
+
+import process
+from extractor import evaluate
+
+PRED = "nlp-predictions-dataset.json"
+
+
+def test_missing_input_file_exits_1_and_writes_nothing(tmp_path: Path, caplog) -> None:
+    job = tmp_path / "job"
+    shutil.copytree(JOBS / "Task101_Example_sl_bin_clf-fold0", job)
+    (job / "nlp-training-dataset.json").unlink()
+    code = process.main(["--input", str(job), "--output", str(tmp_path / "out")])
+    assert code == 1 and "nlp-training-dataset.json: missing input file" in caplog.text
+    assert not (tmp_path / "out" / PRED).exists()
+
+
+def test_missing_model_names_every_place(tmp_path: Path, caplog) -> None:
+    code = process.main(
+        [
+            "--input",
+            str(JOBS / "Task101_Example_sl_bin_clf-fold0"),
+            "--output",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "none.gguf"),
+        ]
+    )
+    assert code == 1 and "none.gguf" in caplog.text
+
+
+def test_empty_test_set_gives_an_empty_array(tmp_path: Path) -> None:
+    job = tmp_path / "job"
+    shutil.copytree(JOBS / "Task101_Example_sl_bin_clf-fold0", job)
+    (job / "nlp-test-dataset.json").write_text("[]")
+    assert process.main(["--input", str(job), "--output", str(tmp_path / "out")]) == 0
+    assert orjson.loads((tmp_path / "out" / PRED).read_bytes()) == []
+
+
+@needs_model
+def test_cli_runs_the_default_model_and_writes_a_summary(tmp_path: Path) -> None:
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    cmd = [
+        sys.executable,
+        "process.py",
+        "--input",
+        str(JOBS / "Task101_Example_sl_bin_clf-fold0"),
+        "--output",
+        str(out),
+    ]
+    cmd += ["--max-cases", "2", "--summary", str(summary)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = orjson.loads((out / PRED).read_bytes())
+    assert [set(r) for r in records] == [{"uid", "single_label_binary_classification"}] * 2
+    assert all(0.0 <= r["single_label_binary_classification"] <= 1.0 for r in records)
+    data = orjson.loads(summary.read_bytes())
+    assert data["model"] == DEFAULT_MODEL.name and len(data["model_sha256"]) == 64
+    assert data["cases"] == 2 and data["output_tokens"] > 0 and "llama-cpp-python" in data["versions"]
+    assert "summary: cases 2" in proc.stderr and "stage: generate" in proc.stderr
+
+
+@needs_model
+@pytest.mark.model
+def test_default_model_on_every_task_type_scores_with_dragon_eval(tmp_path: Path, capsys) -> None:
+    """All eight task types through the real model; dragon-eval must score every job."""
+    code = evaluate.main(
+        ["--jobs", str(JOBS), "--ground-truth", str(GROUND_TRUTH), "--out", str(tmp_path), "--max-cases", "2"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.count("| Task1") == 9 and "error" not in out
+    assert out.strip().splitlines()[-1].startswith("overall ")

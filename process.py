@@ -1,7 +1,7 @@
 """Grand Challenge entry point: one DRAGON job in /input, its predictions in /output.
 
 The pipeline, one module of extractor/ per step:
-load job -> pick Taskfile -> build prompts -> generate -> post-process -> verify -> write.
+load job -> pick Taskfile -> choose examples -> build prompts -> generate -> post-process -> verify -> write.
 """
 
 from __future__ import annotations
@@ -16,34 +16,23 @@ from typing import Any
 from tqdm import tqdm
 
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
-from extractor.dragon_io import (
-    Job,
-    JobError,
-    PredictionError,
-    load_job,
-    verify_predictions,
-    write_predictions,
-)
+from extractor.dragon_io import Job, JobError, PredictionError, load_job, verify_predictions, write_predictions
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
+from extractor.fewshot import NeighbourVote, Retriever, example_picker
 from extractor.generation import CaseAnswer, answer_cases
-from extractor.postprocess import to_prediction
+from extractor.postprocess import blend_with_vote, to_prediction
 from extractor.prior import TrainingPrior
-from extractor.prompts import PromptBuilder
+from extractor.prompts import ExamplePicker, PromptBuilder
 from extractor.reference_backends import OracleBackend, PriorBackend, load_ground_truth
 from extractor.schema import answer_schema
 from extractor.settings import ModelNotFound, Settings, find_model, parse_settings
 from extractor.summary import RunSummary, file_sha256
-from extractor.taskfiles import (
-    Reasoning,
-    Taskfile,
-    TaskfileError,
-    load_taskfiles,
-    taskfile_for_job,
-)
+from extractor.taskfiles import Examples, Reasoning, Taskfile, TaskfileError, load_taskfiles, taskfile_for_job
 
 log = logging.getLogger("process")
 
 CONTEXT_STEP = 256
+BACKENDS = ("llama", "oracle", "prior", "knn")
 
 
 def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | None = None) -> RunSummary:
@@ -52,44 +41,30 @@ def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | 
 
     with summary.stage("load job"):
         job = load_job(settings.input)
-        cases = job.test[: settings.max_cases] if settings.max_cases is not None else job.test
-        job = dataclasses.replace(job, test=cases)
-        summary.task_name, summary.jobid, summary.cases = (
-            job.config.task_name,
-            job.config.jobid,
-            len(cases),
-        )
-        log.info(
-            "%s: %d training, %d test cases",
-            job.config.task_name,
-            len(job.train),
-            len(cases),
-        )
+        if settings.max_cases is not None:
+            job = dataclasses.replace(job, test=job.test[: settings.max_cases])
+        summary.task_name, summary.jobid, summary.cases = job.config.task_name, job.config.jobid, len(job.test)
+        log.info("%s: %d training, %d test cases", job.config.task_name, len(job.train), len(job.test))
 
     with summary.stage("pick taskfile"):
-        tf = apply_reasoning_setting(
-            taskfile_for_job(job.config, job.train, load_taskfiles(settings.taskfiles)),
-            settings,
-        )
+        tf = apply_settings(taskfile_for_job(job.config, job.train, load_taskfiles(settings.taskfiles)), settings)
         summary.taskfile, summary.taskfile_sha256 = tf.source, tf.digest()
 
+    with summary.stage("choose examples"):
+        retriever = Retriever(job.train)
+        examples = example_picker(tf.examples.strategy, tf.examples.k, job.train, job.task_type, retriever)
+        fallback = choose_fallback(settings, backend, job, retriever)
+
     with summary.stage("build prompts"):
-        kind = backend if cases else "prior"  # nothing to ask: no model to load
+        kind = backend if job.test else "prior"  # nothing to ask: no model to load
         tokenizer, start_backend = open_backend(kind, settings, job, tf, ground_truth, summary)
-        builder = PromptBuilder(
-            tf,
-            tokenizer,
-            truncation_side=job.config.recommended_truncation_side,
-            context_limit=settings.n_ctx or tokenizer.context_limit,
-        )
-        summary.n_ctx = context_size(builder, job)
-        builder.context_limit = summary.n_ctx
+        builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
 
     with summary.stage("generate"):
-        answers = generate(job, builder, start_backend, summary) if cases else {}
+        answers = generate(job, builder, start_backend, summary) if job.test else {}
 
     with summary.stage("post-process"):
-        records = predictions(job, tf, answers, summary)
+        records = predictions(job, tf, answers, fallback, settings.blend, summary)
 
     with summary.stage("verify"):
         verify_predictions(records, job)
@@ -99,21 +74,28 @@ def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | 
     return summary
 
 
-def apply_reasoning_setting(tf: Taskfile, settings: Settings) -> Taskfile:
-    if settings.reasoning == "auto":
-        return tf
-    return tf.model_copy(
-        update={"reasoning": Reasoning(enabled=settings.reasoning == "on", max_chars=tf.reasoning.max_chars)}
-    )
+def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
+    """Command-line overrides of the Taskfile's reasoning and example choices."""
+    update: dict[str, Any] = {}
+    if settings.reasoning != "auto":
+        update["reasoning"] = Reasoning(enabled=settings.reasoning == "on", max_chars=tf.reasoning.max_chars)
+    if settings.examples != "auto" or settings.k is not None:
+        strategy = tf.examples.strategy if settings.examples == "auto" else settings.examples
+        k = tf.examples.k if settings.k is None else settings.k
+        update["examples"] = Examples(strategy=strategy, k=k, max_chars=tf.examples.max_chars)
+    return tf.model_copy(update=update) if update else tf
+
+
+def choose_fallback(settings: Settings, backend: str, job: Job, retriever: Retriever) -> Callable[[Any], Any]:
+    """The answer for cases the model could not answer: the neighbours' vote, or the training prior."""
+    use_knn = backend == "knn" or (backend != "prior" and settings.fallback == "knn")
+    if use_knn and job.train:
+        return NeighbourVote(job.train, job.task_type, retriever, settings.vote_k)
+    return TrainingPrior(job.train, job.task_type)
 
 
 def open_backend(
-    kind: str,
-    settings: Settings,
-    job: Job,
-    tf: Taskfile,
-    ground_truth: Path | None,
-    summary: RunSummary,
+    kind: str, settings: Settings, job: Job, tf: Taskfile, ground_truth: Path | None, summary: RunSummary
 ) -> tuple[ChatTokenizer, Callable[[int], Backend]]:
     """The tokenizer prompts are counted with, and a function that starts the backend for a context size."""
     if kind == "oracle":
@@ -121,10 +103,11 @@ def open_backend(
             raise JobError("the oracle backend needs ground truth")
         truth = load_ground_truth(ground_truth, job.config.label_name)
         return PlainTokenizer(), lambda n_ctx: OracleBackend(truth, job.test, tf)
-    if kind == "prior":
+    if kind in ("prior", "knn"):
         return PlainTokenizer(), lambda n_ctx: PriorBackend()
     if kind != "llama":
-        raise ValueError(f"unknown backend {kind!r}")
+        raise ValueError(f"unknown backend {kind!r}; known: {', '.join(BACKENDS)}")
+
     model_path = find_model(settings.model)
     summary.model, summary.model_sha256 = model_path.name, file_sha256(model_path)
     log.info("model %s (sha256 %s)", model_path, summary.model_sha256[:12])
@@ -132,11 +115,7 @@ def open_backend(
     def start(n_ctx: int) -> Backend:
         seed = settings.seed if settings.seed is not None else job.config.jobid
         options = EngineOptions(
-            n_ctx=n_ctx,
-            n_threads=settings.threads,
-            gpu=settings.gpu,
-            allow_cpu=settings.allow_cpu,
-            seed=seed,
+            n_ctx=n_ctx, n_threads=settings.threads, gpu=settings.gpu, allow_cpu=settings.allow_cpu, seed=seed
         )
         engine = LlamaEngine(model_path, options)
         engine.check_schema(answer_schema(tf, reasoning=tf.reasoning.enabled))
@@ -145,55 +124,51 @@ def open_backend(
     return LlamaChat.open(model_path), start
 
 
-def context_size(builder: PromptBuilder, job: Job) -> int:
-    """Longest prompt plus room for a retry's doubled output budget, capped by the model's context."""
+def prompt_builder(
+    tf: Taskfile,
+    tokenizer: ChatTokenizer,
+    job: Job,
+    settings: Settings,
+    examples: ExamplePicker | None,
+    summary: RunSummary,
+) -> PromptBuilder:
+    """A prompt builder whose context is sized to this job: longest prompt plus a retry's output."""
+    limit = settings.n_ctx or tokenizer.context_limit
+    builder = PromptBuilder(
+        tf, tokenizer, truncation_side=job.config.recommended_truncation_side, context_limit=limit, examples=examples
+    )
     longest = max(
         (
-            builder.build(
-                c,
-                reasoning=builder.tf.reasoning.enabled,
-                max_tokens=builder.tf.max_output_tokens,
-            ).request.prompt_tokens
+            builder.build(c, reasoning=tf.reasoning.enabled, max_tokens=tf.max_output_tokens).request.prompt_tokens
             for c in job.test
         ),
         default=0,
     )
-    wanted = longest + 2 * builder.tf.max_output_tokens + 16
-    wanted = -(-wanted // CONTEXT_STEP) * CONTEXT_STEP
-    return min(wanted, builder.context_limit)
+    wanted = -(-(longest + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
+    summary.n_ctx = builder.context_limit = min(wanted, builder.context_limit)
+    log.info(
+        "context %d tokens (longest prompt %d); examples: %s, k=%d",
+        summary.n_ctx,
+        longest,
+        tf.examples.strategy,
+        tf.examples.k,
+    )
+    return builder
 
 
 def generate(
-    job: Job,
-    builder: PromptBuilder,
-    start_backend: Callable[[int], Backend],
-    summary: RunSummary,
+    job: Job, builder: PromptBuilder, start_backend: Callable[[int], Backend], summary: RunSummary
 ) -> dict[str, CaseAnswer]:
     backend = start_backend(summary.n_ctx)
     interactive = sys.stderr.isatty()
-    with tqdm(
-        total=len(job.test),
-        unit="report",
-        file=sys.stderr,
-        mininterval=0.5 if interactive else 30,
-        disable=None,
-    ) as bar:
+    # A line every 30 s in platform logs; live on a terminal.
+    with tqdm(total=len(job.test), unit="report", file=sys.stderr, mininterval=0.5 if interactive else 30) as bar:
         bar.update(sum(1 for c in job.test if c.is_blank))
         answers, stats = answer_cases(job.test, builder, backend, on_result=lambda _: bar.update(1))
-    summary.answered, summary.blank, summary.retries = (
-        stats.answered,
-        stats.blank,
-        stats.retries,
-    )
-    summary.failures, summary.truncated, summary.errors = (
-        stats.failures,
-        stats.truncated,
-        stats.errors,
-    )
-    summary.prompt_tokens, summary.output_tokens = (
-        stats.prompt_tokens,
-        stats.output_tokens,
-    )
+    summary.answered, summary.blank, summary.retries = stats.answered, stats.blank, stats.retries
+    summary.failures, summary.truncated, summary.errors = stats.failures, stats.truncated, stats.errors
+    summary.prompt_tokens, summary.output_tokens = stats.prompt_tokens, stats.output_tokens
+    summary.examples = stats.examples
     engine_stats = getattr(backend, "stats", None)
     if engine_stats is not None:
         summary.engine = {
@@ -204,17 +179,24 @@ def generate(
         close()
     if stats.truncated:
         log.warning(
-            "%d reports were cut on the %s to fit the context",
-            stats.truncated,
-            job.config.recommended_truncation_side,
+            "%d reports were cut on the %s to fit the context", stats.truncated, job.config.recommended_truncation_side
         )
+    log.info("%d solved examples shown in %d prompts", stats.examples, len(job.test) - stats.blank)
     return answers
 
 
-def predictions(job: Job, tf: Taskfile, answers: dict[str, CaseAnswer], summary: RunSummary) -> list[dict[str, Any]]:
-    """One record per test case: the model's answer post-processed, or the training prior."""
+def predictions(
+    job: Job,
+    tf: Taskfile,
+    answers: dict[str, CaseAnswer],
+    fallback: Callable[[Any], Any],
+    blend: float,
+    summary: RunSummary,
+) -> list[dict[str, Any]]:
+    """One record per test case: the model's answer post-processed (and blended with the
+    neighbours' vote when asked), or the fallback answer."""
     key = job.task_type.prediction_key
-    prior = TrainingPrior(job.train, job.task_type)
+    vote = fallback if isinstance(fallback, NeighbourVote) and blend > 0 else None
     records = []
     for case in job.test:
         answer = answers.get(case.uid)
@@ -222,15 +204,13 @@ def predictions(job: Job, tf: Taskfile, answers: dict[str, CaseAnswer], summary:
         if answer is not None and answer.ok:
             try:
                 value = to_prediction(answer.answer, answer.likelihoods, tf, case.parts)
+                if vote is not None:
+                    value = blend_with_vote(value, answer.likelihoods, vote(case), vote.shares(case), blend, tf)
             except (ValueError, KeyError, TypeError) as err:
-                log.warning(
-                    "uid %s: answer could not be post-processed (%s); using the prior",
-                    case.uid,
-                    err,
-                )
+                log.warning("uid %s: answer could not be post-processed (%s); using the fallback", case.uid, err)
                 summary.failures += 1
         if value is None:
-            value = prior(case)
+            value = fallback(case)
         records.append({"uid": case.uid, key: value})
     return records
 
@@ -238,9 +218,7 @@ def predictions(job: Job, tf: Taskfile, answers: dict[str, CaseAnswer], summary:
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
     logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
         summary = run_job(settings)

@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=Path, required=True, help="folder of DRAGON job folders (or one job folder)")
     parser.add_argument("--ground-truth", type=Path, help="folder of <task_name>.json ground-truth files")
     parser.add_argument("--out", type=Path, default=Path("runs/latest"), help="where predictions and metrics go")
-    parser.add_argument("--backend", choices=("llama", "oracle", "prior"), default="llama")
+    parser.add_argument("--backend", choices=("llama", "oracle", "prior", "knn"), default="llama")
     parser.add_argument("--max-cases", type=int, help="only the first N test cases of each job")
     parser.add_argument("--predictions", type=Path, help="score these existing predictions instead of running")
     parser.add_argument("--min-score", type=float, default=None, help="exit 1 when the overall score is lower")

@@ -59,6 +59,7 @@ class GenerationStats:
     retries: int = 0
     failures: int = 0
     truncated: int = 0
+    examples: int = 0  # solved examples shown, summed over first attempts
     prompt_tokens: int = 0
     output_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -109,8 +110,9 @@ def answer_cases(
                 attempt=number,
             )
             requests.append(p.request)
-            if number == 1 and p.truncated:
-                stats.truncated += 1
+            if number == 1:
+                stats.truncated += p.truncated
+                stats.examples += p.examples
         failed: list[Case] = []
         for result in _generate(backend, requests):
             case = by_uid[result.uid]

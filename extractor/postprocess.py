@@ -210,3 +210,41 @@ def to_prediction(
         return entities_to_tags(answer.get(field.name) or [], words or (), tf)
     values = [field_value(f, answer.get(f.name), likelihoods.get(f.name)) for f in tf.fields]
     return values if ttype.multi else values[0]
+
+
+def blend_with_vote(
+    prediction: Any,
+    likelihoods: Mapping[str, Mapping[str, float]],
+    vote: Any,
+    shares: Sequence[Mapping[Any, float]],
+    weight: float,
+    tf: Taskfile,
+) -> Any:
+    """Mix the neighbours' vote into the model's scores: probabilities are averaged with weight
+    `weight`, labels chosen by the weighted sum of model probability and vote share. Numbers and
+    entities stay the model's."""
+    if weight <= 0.0 or tf.task_type.is_ner:
+        return prediction
+    multi = tf.task_type.multi
+    preds = list(prediction) if multi else [prediction]
+    votes = list(vote) if multi else [vote]
+    out = []
+    for i, (field, pred) in enumerate(zip(tf.fields, preds, strict=True)):
+        if field.type == "boolean":
+            out.append(float((1.0 - weight) * pred + weight * float(votes[i])))
+        elif field.type == "label":
+            labels = list(field.labels or ())
+            lik = likelihoods.get(field.name) or {}
+            scores = [lik.get(orjson.dumps(lab).decode(), -math.inf) for lab in labels]
+            top = max(scores) if scores else -math.inf
+            if math.isfinite(top):
+                exp = [math.exp(s - top) for s in scores]
+                model_p = [e / sum(exp) for e in exp]
+            else:
+                model_p = [1.0 if lab == pred else 0.0 for lab in labels]
+            share = shares[i] if i < len(shares) else {}
+            mixed = [(1.0 - weight) * p + weight * share.get(lab, 0.0) for p, lab in zip(model_p, labels, strict=True)]
+            out.append(labels[max(range(len(labels)), key=lambda j: (mixed[j], -j))])
+        else:
+            out.append(pred)
+    return out if multi else out[0]

@@ -6,13 +6,14 @@ reuses it after the first report. Reports stay in their own language.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import orjson
 
 from extractor.backend import ChatTokenizer, Message, Request
 from extractor.dragon_io import Case
+from extractor.gold import label_to_answer
 from extractor.schema import REASONING_FIELD, answer_schema, score_choices
 from extractor.taskfiles import OutputField, Taskfile
 
@@ -79,11 +80,50 @@ def render_case(parts: Sequence[str] | None, text: str | None, tf: Taskfile, fir
     return text if text is not None else "\n".join(parts or ())
 
 
-def messages_for(tf: Taskfile, case_text: str, *, reasoning: bool) -> tuple[Message, ...]:
-    return (
-        Message("system", system_prompt(tf, reasoning=reasoning)),
-        Message("user", "Report:\n" + case_text),
-    )
+def messages_for(
+    tf: Taskfile, case_text: str, *, reasoning: bool, examples: Sequence[tuple[str, str]] = ()
+) -> tuple[Message, ...]:
+    """System instructions, then solved examples as earlier turns, then the report."""
+    turns = [Message("system", system_prompt(tf, reasoning=reasoning))]
+    for report, answer in examples:
+        turns += [Message("user", "Report:\n" + report), Message("assistant", answer)]
+    turns.append(Message("user", "Report:\n" + case_text))
+    return tuple(turns)
+
+
+def render_example(case: Case, tf: Taskfile, side: str) -> tuple[str, str]:
+    """A training case as a solved example: its report (capped at the Taskfile's length) and the
+    exact JSON answer the model should give for it (without reasoning: none is known)."""
+    limit = tf.examples.max_chars
+    answer = label_to_answer(case.label, case.parts, tf)
+    if tf.input.kind == "words":
+        words = case.parts or ()
+        first, last = 0, len(words)
+        while last - first > 1 and len(render_case(words[first:last], None, tf, first)) > limit:
+            if side == "left":
+                first += 1
+            else:
+                last -= 1
+        field = tf.fields[0].name
+        answer = {field: [e for e in answer[field] if first <= e["start"] and e["end"] < last]}
+        text = render_case(words[first:last], None, tf, first)
+    elif case.parts is not None and case.text is None:
+        parts = list(case.parts)
+        if parts:
+            parts[-1] = _cut_chars(parts[-1], max(limit - sum(len(p) for p in parts[:-1]), 1), side)
+        text = render_case(parts, None, tf)
+    else:
+        text = _cut_chars(case.text or "", limit, side)
+    return text, orjson.dumps(answer).decode()
+
+
+def _cut_chars(text: str, limit: int, side: str) -> str:
+    if len(text) <= limit:
+        return text
+    return text[len(text) - limit :] if side == "left" else text[:limit]
+
+
+ExamplePicker = Callable[[Case], Sequence[Case]]
 
 
 @dataclass(frozen=True)
@@ -92,10 +132,15 @@ class PromptPlan:
 
     request: Request
     truncated: bool
+    examples: int = 0
 
 
 class PromptBuilder:
-    """Builds requests for one job: renders, counts with the model's tokenizer, truncates."""
+    """Builds requests for one job: renders, counts with the model's tokenizer, fits the context.
+
+    Too long a prompt first loses its least similar examples, then has its report cut on the
+    job's truncation side.
+    """
 
     def __init__(
         self,
@@ -104,25 +149,47 @@ class PromptBuilder:
         *,
         truncation_side: str,
         context_limit: int,
+        examples: ExamplePicker | None = None,
     ) -> None:
         self.tf = tf
         self.tokenizer = tokenizer
         self.side = truncation_side
         self.context_limit = min(context_limit, tokenizer.context_limit)
         self.choices = score_choices(tf)
+        self.pick_examples = examples
+        self._rendered: dict[str, tuple[str, str]] = {}
+
+    def _examples_for(self, case: Case) -> list[tuple[str, str]]:
+        if self.pick_examples is None:
+            return []
+        shown = []
+        for ex in self.pick_examples(case):
+            if ex.uid not in self._rendered:
+                self._rendered[ex.uid] = render_example(ex, self.tf, self.side)
+            shown.append(self._rendered[ex.uid])
+        return shown
+
+    def _count(self, messages: Sequence[Message]) -> tuple[str, int]:
+        prompt = self.tokenizer.render(messages)
+        return prompt, len(self.tokenizer.tokenize(prompt))
 
     def build(self, case: Case, *, reasoning: bool, max_tokens: int, attempt: int = 1) -> PromptPlan:
-        """Render one case; cut the report on the configured side when the prompt would not fit."""
+        """Render one case with its examples, fitted to the context."""
         tf = self.tf
         max_tokens = min(max_tokens, self.context_limit // 2)
         budget = self.context_limit - max_tokens - SAFETY_MARGIN_TOKENS
-        parts, text, first_word = case.parts, case.text, 0
-        messages = messages_for(tf, render_case(parts, text, tf), reasoning=reasoning)
-        prompt = self.tokenizer.render(messages)
-        n_tokens = len(self.tokenizer.tokenize(prompt))
+        examples = self._examples_for(case)
+        case_text = render_case(case.parts, case.text, tf)
+        messages = messages_for(tf, case_text, reasoning=reasoning, examples=examples)
+        prompt, n_tokens = self._count(messages)
+        while n_tokens > budget and examples:
+            examples = examples[1:]  # the least similar example goes first
+            messages = messages_for(tf, case_text, reasoning=reasoning, examples=examples)
+            prompt, n_tokens = self._count(messages)
         truncated = n_tokens > budget
         if truncated:
-            empty = len(self.tokenizer.tokenize(self.tokenizer.render(messages_for(tf, "", reasoning=reasoning))))
+            parts, text, first_word = case.parts, case.text, 0
+            _, empty = self._count(messages_for(tf, "", reasoning=reasoning))
             allowed = max(budget - empty, 1)
             if tf.input.kind == "words":
                 parts, first_word = self._fit_words(parts or (), allowed)
@@ -132,8 +199,7 @@ class PromptBuilder:
             else:
                 text = self._cut(text or "", allowed)
             messages = messages_for(tf, render_case(parts, text, tf, first_word), reasoning=reasoning)
-            prompt = self.tokenizer.render(messages)
-            n_tokens = len(self.tokenizer.tokenize(prompt))
+            prompt, n_tokens = self._count(messages)
         request = Request(
             uid=case.uid,
             messages=messages,
@@ -144,7 +210,7 @@ class PromptBuilder:
             choices=self.choices,
             attempt=attempt,
         )
-        return PromptPlan(request=request, truncated=truncated)
+        return PromptPlan(request=request, truncated=truncated, examples=len(examples))
 
     def _count_tokens(self, text: str) -> int:
         return len(self.tokenizer.tokenize(text)) if text else 0

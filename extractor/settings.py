@@ -34,6 +34,11 @@ class Settings:
     gpu: str
     allow_cpu: bool
     reasoning: str
+    examples: str
+    k: int | None
+    fallback: str
+    vote_k: int
+    blend: float
     summary: Path | None
     log_level: str
     seed: int | None
@@ -75,6 +80,11 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "auto",
         "auto (as the Taskfile says) | on | off",
     ),
+    ("--examples", "DRAGON_EXAMPLES", "auto", "auto (as the Taskfile says) | none | retrieved | fixed"),
+    ("--k", "DRAGON_K", None, "number of solved examples (default: the Taskfile's)"),
+    ("--fallback", "DRAGON_FALLBACK", "knn", "answer for failed cases: knn (nearest-neighbour vote) | prior"),
+    ("--vote-k", "DRAGON_VOTE_K", "8", "neighbours in the nearest-neighbour vote"),
+    ("--blend", "DRAGON_BLEND", "0", "weight of the neighbour vote mixed into model scores (0: model alone)"),
     ("--summary", "DRAGON_SUMMARY", None, "also write the run summary as JSON here"),
     ("--log-level", "DRAGON_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING"),
     ("--seed", "DRAGON_SEED", None, "random seed (default: the job id)"),
@@ -117,6 +127,16 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         raise SystemExit(f"--gpu: expected auto, on or off, got {args.gpu!r}")
     if args.reasoning not in ("auto", "on", "off"):
         raise SystemExit(f"--reasoning: expected auto, on or off, got {args.reasoning!r}")
+    if args.examples not in ("auto", "none", "retrieved", "fixed"):
+        raise SystemExit(f"--examples: expected auto, none, retrieved or fixed, got {args.examples!r}")
+    if args.fallback not in ("knn", "prior"):
+        raise SystemExit(f"--fallback: expected knn or prior, got {args.fallback!r}")
+    try:
+        blend = float(args.blend)
+    except ValueError:
+        raise SystemExit(f"--blend: expected a number in [0, 1], got {args.blend!r}") from None
+    if not 0.0 <= blend <= 1.0:
+        raise SystemExit(f"--blend: expected a number in [0, 1], got {args.blend!r}")
     return Settings(
         input=Path(args.input),
         output=Path(args.output),
@@ -128,6 +148,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         gpu=args.gpu,
         allow_cpu=bool(args.allow_cpu),
         reasoning=args.reasoning,
+        examples=args.examples,
+        k=_int_or_none(args.k, "--k"),
+        fallback=args.fallback,
+        vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
+        blend=blend,
         summary=Path(args.summary) if args.summary else None,
         log_level=str(args.log_level).upper(),
         seed=_int_or_none(args.seed, "--seed"),

@@ -52,6 +52,7 @@ class RunSummary:
     retries: int = 0
     failures: int = 0
     truncated: int = 0
+    examples: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
     n_ctx: int = 0
@@ -81,7 +82,8 @@ class RunSummary:
             f"task {self.task_name} (job {self.jobid}) with {self.backend} backend, model {self.model}",
             f"taskfile {self.taskfile} ({self.taskfile_sha256[:12]})",
             f"cases {self.cases}: answered {self.answered}, blank {self.blank}, failures {self.failures} "
-            f"(prior used), retries {self.retries}, truncated prompts {self.truncated}",
+            f"(fallback used), retries {self.retries}, truncated prompts {self.truncated}",
+            f"solved examples shown {self.examples}",
             f"tokens: prompt {self.prompt_tokens}, output {self.output_tokens}; context {self.n_ctx}",
             "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
             f"throughput {rate:.2f} reports/s",

@@ -76,6 +76,17 @@ class Reasoning(BaseModel):
     max_chars: int = Field(default=400, ge=20, le=4000)
 
 
+class Examples(BaseModel):
+    """Solved training reports shown before the report: retrieved per report (BM25), a fixed
+    label-balanced set (the same for every report, so it stays in the shared prompt prefix), or none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: Literal["none", "retrieved", "fixed"] = "retrieved"
+    k: int = Field(default=4, ge=0, le=32)
+    max_chars: int = Field(default=1200, ge=50, le=20000)
+
+
 class NerSpec(BaseModel):
     """Entity extraction: the allowed types and how positions are given and resolved."""
 
@@ -101,6 +112,7 @@ class Taskfile(BaseModel):
     fields: tuple[OutputField, ...]
     ner: NerSpec | None = None
     reasoning: Reasoning = Reasoning()
+    examples: Examples = Examples()
     max_output_tokens: int = Field(default=256, ge=8, le=8192)
     notes: str = ""
     source: str = Field(default="", exclude=True)  # where it was loaded from, for messages

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every check the project has, as CI runs it: lint, the test suite, and the docker-free runtime
+# check (test.sh --no-docker) on the example jobs and, when present, on the synthetic DRAGON jobs.
+#
+# Usage: scripts/check.sh        (after scripts/setup.sh)
+# Env:   CHECK_SYNTHETIC_CASES   test cases per synthetic job for the runtime check [default 2]
+set -euo pipefail
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${repo_root}"
+py=.venv/bin/python
+[[ -x "${py}" ]] || { echo "check: no .venv: run scripts/setup.sh first" >&2; exit 1; }
+
+echo "=== lint"
+bash scripts/lint.sh
+
+echo "=== tests"
+"${py}" -m pytest
+
+echo "=== runtime check: example jobs"
+./test.sh --no-docker --max-cases 2 --output runs/check-examples
+
+synthetic="${repo_root}/../shared/data/dragon-synthetic"
+if [[ -d "${synthetic}/input" ]]; then
+    echo "=== runtime check: synthetic DRAGON jobs"
+    ./test.sh --no-docker --max-cases "${CHECK_SYNTHETIC_CASES:-2}" --output runs/check-synthetic \
+        "${synthetic}/input" "${synthetic}/ground-truth"
+else
+    echo "=== runtime check: ${synthetic} not present, skipped"
+fi
+echo "check: all passed"

@@ -28,6 +28,7 @@ from extractor.schema import answer_schema
 from extractor.settings import ModelNotFound, Settings, find_model, parse_settings
 from extractor.summary import RunSummary, file_sha256
 from extractor.taskfiles import Examples, Reasoning, Taskfile, TaskfileError, load_taskfiles, taskfile_for_job
+from extractor.translate import translate_cases
 
 log = logging.getLogger("process")
 
@@ -58,6 +59,8 @@ def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | 
     with summary.stage("build prompts"):
         kind = backend if job.test else "prior"  # nothing to ask: no model to load
         tokenizer, start_backend = open_backend(kind, settings, job, tf, ground_truth, summary)
+        if settings.translate and job.test:
+            job = translate_job(job, tf, tokenizer, start_backend, settings, summary)
         builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
 
     with summary.stage("generate"):
@@ -122,6 +125,28 @@ def open_backend(
         return engine
 
     return LlamaChat.open(model_path), start
+
+
+def translate_job(
+    job: Job,
+    tf: Taskfile,
+    tokenizer: ChatTokenizer,
+    start_backend: Callable[[int], Backend],
+    settings: Settings,
+    summary: RunSummary,
+) -> Job:
+    """The ablation pre-pass: the same model translates every test report to English."""
+    limit = min(tokenizer.context_limit, settings.n_ctx or 4096)
+    backend = start_backend(limit)
+    try:
+        cases, failed = translate_cases(job.test, tf, backend, tokenizer, limit)
+    finally:
+        close = getattr(backend, "close", None)
+        if close:
+            close()
+    summary.translated = len(job.test) - failed
+    log.info("translated %d of %d test reports to English", summary.translated, len(job.test))
+    return dataclasses.replace(job, test=tuple(cases))
 
 
 def prompt_builder(

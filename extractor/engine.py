@@ -144,6 +144,7 @@ class EngineOptions:
     gpu: str = "auto"  # "auto" | "on" | "off"
     allow_cpu: bool = False
     seed: int = 0
+    n_seq: int = 0  # sequences decoded together by BatchedLlamaEngine (0: automatic); LlamaEngine ignores it
 
 
 def gpu_layers(options: EngineOptions) -> int:
@@ -341,7 +342,7 @@ class LlamaEngine:
                 finished=False,
                 error="prompt does not fit the context",
             )
-        grammar = self._grammar(req.schema)
+        grammar = self._grammar(req.schema) if req.schema else None  # no schema: free text
         self._prefill(tokens)
         logits = self._logits()
         fields = list(req.schema.get("properties", {}))
@@ -370,11 +371,12 @@ class LlamaEngine:
                     out += forced
                     logits = self._step(forced)
                     continue
-            token = self._pick(grammar, logits)
+            token = self._pick(grammar, logits) if grammar is not None else int(np.argmax(logits))
             if llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 finished = True
                 break
-            llama_cpp.llama_sampler_accept(grammar, token)
+            if grammar is not None:
+                llama_cpp.llama_sampler_accept(grammar, token)
             out.append(token)
             text += self._piece(token)
             logits = self._step([token])

@@ -39,6 +39,7 @@ class Settings:
     fallback: str
     vote_k: int
     blend: float
+    translate: bool
     summary: Path | None
     log_level: str
     seed: int | None
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=os.environ.get(env, default),
             help=f"{help_text} [{env}; default {default}]",
         )
+    translate = os.environ.get("DRAGON_TRANSLATE", "").lower() in ("1", "true", "yes")
+    parser.add_argument(
+        "--translate",
+        action="store_true",
+        default=translate,
+        help="ablation: have the model translate each report to English first (not for NER) [DRAGON_TRANSLATE]",
+    )
     allow = os.environ.get("DRAGON_ALLOW_CPU", "").lower() in ("1", "true", "yes")
     parser.add_argument(
         "--allow-cpu",
@@ -153,6 +161,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         fallback=args.fallback,
         vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
         blend=blend,
+        translate=bool(args.translate),
         summary=Path(args.summary) if args.summary else None,
         log_level=str(args.log_level).upper(),
         seed=_int_or_none(args.seed, "--seed"),

@@ -53,6 +53,7 @@ class RunSummary:
     failures: int = 0
     truncated: int = 0
     examples: int = 0
+    translated: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
     n_ctx: int = 0

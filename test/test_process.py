@@ -82,3 +82,13 @@ def test_default_model_on_every_task_type_scores_with_dragon_eval(tmp_path: Path
     assert code == 0, out
     assert out.count("| Task1") == 9 and "error" not in out
     assert out.strip().splitlines()[-1].startswith("overall ")
+
+
+@needs_model
+def test_translation_pass_runs_with_the_default_model(tmp_path: Path) -> None:
+    job = JOBS / "Task101_Example_sl_bin_clf-fold0"  # short reports keep the translation quick
+    summary = tmp_path / "s.json"
+    args = ["--input", str(job), "--output", str(tmp_path / "o"), "--max-cases", "1", "--translate"]
+    assert process.main([*args, "--summary", str(summary), "--reasoning", "off"]) == 0
+    assert orjson.loads(summary.read_bytes())["translated"] == 1
+    assert len(orjson.loads((tmp_path / "o" / PRED).read_bytes())) == 1

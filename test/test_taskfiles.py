@@ -120,3 +120,9 @@ def test_label_name_mismatch_is_an_error(tmp_path: Path) -> None:
     )
     with pytest.raises(TaskfileError, match="label_name"):
         taskfile_for_job(job.config, job.train, load_taskfiles(tmp_path / "tf"))
+
+
+def test_readme_lists_every_shipped_taskfile() -> None:
+    readme = (REPO / "README.md").read_text()
+    for name in load_taskfiles(REPO / "taskfiles"):
+        assert f"| {name} |" in readme, f"{name} missing from the README's Taskfile table"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,21 @@ from typing import Any
 from tqdm import tqdm
 
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
-from extractor.dragon_io import Job, JobError, PredictionError, load_job, verify_predictions, write_predictions
+from extractor.dragon_io import (
+    CONFIG_FILE,
+    TEST_FILE,
+    TRAIN_FILE,
+    Job,
+    JobError,
+    PredictionError,
+    load_job,
+    verify_predictions,
+    write_predictions,
+)
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
-from extractor.generation import CaseAnswer, answer_cases
+from extractor.generation import CaseAnswer, StopRequested, TimeBudget, answer_cases
+from extractor.journal import Journal, journal_key
 from extractor.postprocess import blend_with_vote, to_prediction
 from extractor.prior import TrainingPrior
 from extractor.prompts import ExamplePicker, PromptBuilder
@@ -33,12 +46,19 @@ from extractor.translate import translate_cases
 log = logging.getLogger("process")
 
 CONTEXT_STEP = 256
+MIN_CONTEXT = 512
+CODE_DIR = Path(__file__).resolve().parent / "extractor"
 BACKENDS = ("llama", "oracle", "prior", "knn")
+EXIT_INTERRUPTED = 3
 
 
-def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | None = None) -> RunSummary:
+def run_job(
+    settings: Settings, *, backend: str = "llama", ground_truth: Path | None = None, started: float | None = None
+) -> RunSummary:
     """Run one job end to end and write its predictions; returns what happened."""
     summary = RunSummary(backend=backend)
+    started = time.monotonic() if started is None else started
+    budget = TimeBudget(deadline=started + settings.time_limit if settings.time_limit else None)
 
     with summary.stage("load job"):
         job = load_job(settings.input)
@@ -64,7 +84,8 @@ def run_job(settings: Settings, *, backend: str = "llama", ground_truth: Path | 
         builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
 
     with summary.stage("generate"):
-        answers = generate(job, builder, start_backend, summary) if job.test else {}
+        journal = open_journal(settings, job, tf, summary) if job.test else None
+        answers = generate(job, builder, start_backend, summary, budget, journal) if job.test else {}
 
     with summary.stage("post-process"):
         records = predictions(job, tf, answers, fallback, settings.blend, summary)
@@ -116,11 +137,20 @@ def open_backend(
     log.info("model %s (sha256 %s)", model_path, summary.model_sha256[:12])
 
     def start(n_ctx: int) -> Backend:
+        """Load the model; when the context cannot be allocated (GPU memory), try half as large."""
         seed = settings.seed if settings.seed is not None else job.config.jobid
-        options = EngineOptions(
-            n_ctx=n_ctx, n_threads=settings.threads, gpu=settings.gpu, allow_cpu=settings.allow_cpu, seed=seed
-        )
-        engine = LlamaEngine(model_path, options)
+        while True:
+            options = EngineOptions(
+                n_ctx=n_ctx, n_threads=settings.threads, gpu=settings.gpu, allow_cpu=settings.allow_cpu, seed=seed
+            )
+            try:
+                engine = LlamaEngine(model_path, options)
+                break
+            except EngineError as err:
+                if n_ctx // 2 < MIN_CONTEXT or "context" not in str(err):
+                    raise
+                log.warning("%s; retrying with a %d-token context", err, n_ctx // 2)
+                n_ctx //= 2
         engine.check_schema(answer_schema(tf, reasoning=tf.reasoning.enabled))
         return engine
 
@@ -181,15 +211,46 @@ def prompt_builder(
     return builder
 
 
+def open_journal(settings: Settings, job: Job, tf: Taskfile, summary: RunSummary) -> Journal | None:
+    """The checkpoint journal of this exact job, model, Taskfile and settings."""
+    if not settings.journal:
+        return None
+    answer_settings = (settings.examples, settings.k, settings.reasoning, settings.translate, settings.n_ctx)
+    files = [job.input_dir / name for name in (CONFIG_FILE, TRAIN_FILE, TEST_FILE)]
+    key = journal_key(
+        summary.backend, summary.model_sha256, tf.digest(), answer_settings, settings.max_cases, files=files
+    )
+    return Journal(settings.work_dir / f"{job.config.task_name}-{key[:16]}.jsonl")
+
+
 def generate(
-    job: Job, builder: PromptBuilder, start_backend: Callable[[int], Backend], summary: RunSummary
+    job: Job,
+    builder: PromptBuilder,
+    start_backend: Callable[[int], Backend],
+    summary: RunSummary,
+    budget: TimeBudget,
+    journal: Journal | None,
 ) -> dict[str, CaseAnswer]:
+    done = journal.load() if journal else {}
     backend = start_backend(summary.n_ctx)
+    if getattr(backend, "n_ctx", summary.n_ctx) < summary.n_ctx:
+        summary.n_ctx = builder.context_limit = backend.n_ctx  # the engine had to settle for less
     interactive = sys.stderr.isatty()
+
+    def finished(answer: CaseAnswer) -> None:
+        bar.update(1)
+        if journal:
+            journal.append(answer)
+
     # A line every 30 s in platform logs; live on a terminal.
     with tqdm(total=len(job.test), unit="report", file=sys.stderr, mininterval=0.5 if interactive else 30) as bar:
-        bar.update(sum(1 for c in job.test if c.is_blank))
-        answers, stats = answer_cases(job.test, builder, backend, on_result=lambda _: bar.update(1))
+        bar.update(sum(1 for c in job.test if c.is_blank or c.uid in done))
+        try:
+            answers, stats = answer_cases(job.test, builder, backend, on_result=finished, budget=budget, done=done)
+        finally:
+            if journal:
+                journal.close()
+    summary.resumed, summary.interrupted, summary.degraded = stats.resumed, stats.interrupted, stats.degraded
     summary.answered, summary.blank, summary.retries = stats.answered, stats.blank, stats.retries
     summary.failures, summary.truncated, summary.errors = stats.failures, stats.truncated, stats.errors
     summary.prompt_tokens, summary.output_tokens = stats.prompt_tokens, stats.output_tokens
@@ -245,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    started = time.monotonic()
+    install_signal_handlers()
     try:
-        summary = run_job(settings)
+        summary = run_job(settings, started=started)
     except (JobError, TaskfileError, ModelNotFound, EngineError) as err:
         log.error("%s", err)
         return 1
@@ -258,7 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     if settings.summary:
         settings.summary.parent.mkdir(parents=True, exist_ok=True)
         settings.summary.write_bytes(summary.to_json())
+    if summary.interrupted:
+        log.error("interrupted by a signal: predictions written with the fallback for unanswered reports")
+        return EXIT_INTERRUPTED
     return 0
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGINT end generation at once; the job then writes complete predictions and exits 3."""
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the writing
+        raise StopRequested(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

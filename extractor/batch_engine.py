@@ -17,9 +17,8 @@ reports at a time through llama.cpp's batch API:
   of those is allowed the whole vocabulary: the chosen token is the same as a full scan's.
 * Candidate literals are scored in the sequence's own cache at the decision point (one literal
   per step, then removed with `llama_memory_seq_rm`), so the likelihoods are the quantities
-  `LlamaEngine` computes: first token from the current logits, further tokens evaluated. The
-  literal evaluated last is the one whose first token is most likely; when it wins, its cache
-  entries are kept instead of being evaluated again.
+  `LlamaEngine` computes: first token from the current logits, further tokens evaluated; the
+  chosen literal is then evaluated as one piece, as `LlamaEngine` does.
 
 Context parameters mirror what the high-level `Llama` sets (flash attention off, the same RoPE/YaRN
 fields, threads), because llama.cpp's own defaults differ and change the logits. Batched matrix
@@ -70,7 +69,7 @@ DEFAULT_N_SEQ_GPU = 16
 PREFILL_CHUNK = 512  # prompt tokens per step, across all sequences (also the physical batch)
 FEED_PER_SEQ = 32  # batch room per sequence for decode / forced / candidate tokens
 MIN_SHARED_PREFIX = 16  # tokens a request must share with the others to use the shared prefix
-TOP_K_CHECK = 64  # tokens checked against the grammar when the greedy one is rejected
+TOP_K_TIERS = (64, 2048)  # tokens checked against the grammar when the greedy one is rejected
 
 # Slot phases
 _PROMPT, _GEN, _SCORE = 0, 1, 2
@@ -254,7 +253,6 @@ class BatchedLlamaEngine:
             batch_tokens=0,
             topk_grammar_applies=0,
             stream_copies=0,
-            kept_candidates=0,
         )
         self._grammars: dict[bytes, Any] = {}
         self._clones: set[int] = set()
@@ -340,9 +338,9 @@ class BatchedLlamaEngine:
         return int(self._full["id"][best])
 
     def _pick(self, grammar: Any, logits: np.ndarray) -> int:
-        """Greedy token under the grammar: argmax first, then the top-k, the vocabulary only if needed.
+        """Greedy token under the grammar: argmax first, then the top 64, the top 2048, the vocabulary.
 
-        The result equals a full-vocabulary scan's: when an allowed token is among the top-k, no
+        The result equals a full-vocabulary scan's: when an allowed token is among the top k, no
         token outside them has a higher logit.
         """
         t0 = time.perf_counter()
@@ -350,10 +348,14 @@ class BatchedLlamaEngine:
         if self._allowed(grammar, token):
             self.stats.greedy_accepted += 1
         else:
-            top = np.argpartition(logits, -TOP_K_CHECK)[-TOP_K_CHECK:]
-            ids = np.nonzero(logits >= logits[top].min())[0].astype(np.intc)  # ascending, ties included
-            choice = self._apply(grammar, ids, logits[ids])
-            self.stats.extra["topk_grammar_applies"] += 1
+            choice = None
+            for k in TOP_K_TIERS:
+                top = np.argpartition(logits, -k)[-k:]
+                ids = np.nonzero(logits >= logits[top].min())[0].astype(np.intc)  # ascending, ties included
+                choice = self._apply(grammar, ids, logits[ids])
+                self.stats.extra["topk_grammar_applies"] += 1
+                if choice is not None:
+                    break
             if choice is None:
                 self.stats.full_grammar_applies += 1
                 choice = self._apply(grammar, self._ids, logits)
@@ -630,10 +632,10 @@ class BatchedLlamaEngine:
         for j, nxt in enumerate(v.tokens[1:]):
             v.logp += float(_log_softmax(self._row(i0 + j))[nxt])
         self.stats.scoring_s += time.perf_counter() - t0
+        llama_cpp.llama_memory_seq_rm(self.mem, s.seq, s.n_past, -1)
         if s.queue:
-            llama_cpp.llama_memory_seq_rm(self.mem, s.seq, s.n_past, -1)
             return None
-        return self._finish_field(s, kept=v)
+        return self._finish_field(s)
 
     def _advance(self, s: _Slot, logits: np.ndarray, *, check_field: bool = True) -> Result | None:
         """One iteration of LlamaEngine's loop for this sequence, given its current logits."""
@@ -669,16 +671,15 @@ class BatchedLlamaEngine:
         multi = [v for v in s.variants if len(v.tokens) > 1]
         if any(len(v.tokens) - 1 > min(room, self.capacity - self.n_seq) for v in multi):
             raise RuntimeError("no room left in the sequence's context to score the literals")
-        # The most likely first token last: if it wins, its evaluated tokens are kept.
-        s.queue = sorted(multi, key=lambda v: v.logp)
+        s.queue = multi
         s.decision_logits = np.array(logits, copy=True)
         self.stats.scoring_s += time.perf_counter() - t0
         if s.queue:
             s.phase = _SCORE
             return None
-        return self._finish_field(s, kept=None)
+        return self._finish_field(s)
 
-    def _finish_field(self, s: _Slot, kept: _Variant | None) -> Result | None:
+    def _finish_field(self, s: _Slot) -> Result | None:
         """Record the field's likelihoods and force the best literal (grammar permitting)."""
         t0 = time.perf_counter()
         into = s.likelihoods.setdefault(s.field_name, {})
@@ -702,9 +703,6 @@ class BatchedLlamaEngine:
             finally:
                 llama_cpp.llama_sampler_free(probe)
         self.stats.scoring_s += time.perf_counter() - t0
-        keep = kept is not None and kept is best and bool(forced) and len(forced) <= s.budget - len(s.out)
-        if kept is not None and not keep:
-            llama_cpp.llama_memory_seq_rm(self.mem, s.seq, s.n_past, -1)
         logits = s.decision_logits
         s.variants, s.queue, s.decision_logits = [], [], None
         if not forced:
@@ -717,13 +715,7 @@ class BatchedLlamaEngine:
         s.out += forced
         if len(s.out) >= s.budget:
             return self._result(s, finished=False)
-        if keep:
-            assert kept is not None
-            s.n_past += len(kept.tokens) - 1
-            s.feed = forced[len(kept.tokens) - 1 :]
-            self.stats.extra["kept_candidates"] += 1
-        else:
-            s.feed = forced
+        s.feed = forced
         s.phase = _GEN
         return None
 

@@ -194,6 +194,7 @@ class LlamaEngine:
         except ValueError as err:
             raise EngineError(f"cannot load {model_path} with a {options.n_ctx}-token context: {err}") from err
         self.chat = LlamaChat(self.llm)
+        self.n_ctx = options.n_ctx
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         self.stats = EngineStats()

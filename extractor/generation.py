@@ -8,6 +8,7 @@ Backend-agnostic: the same loop drives the llama.cpp engine, the oracle and test
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,11 +63,50 @@ class GenerationStats:
     examples: int = 0  # solved examples shown, summed over first attempts
     prompt_tokens: int = 0
     output_tokens: int = 0
+    resumed: int = 0
+    interrupted: bool = False
+    degraded: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
 def _classify(message: str) -> str:
     return message.split(":", 1)[0][:60]
+
+
+class StopRequested(BaseException):
+    """Raised by the signal handler: finish now with what is answered (BaseException, so that no
+    generic error handler swallows it)."""
+
+
+# What each degradation level gives up to fit the time budget, cheapest loss first.
+LEVELS = ("as configured", "no reasoning", "no reasoning, no examples, one attempt", "fallback (no time left)")
+
+
+@dataclass
+class TimeBudget:
+    """Fits the remaining reports into the time left by degrading in steps (see LEVELS).
+
+    After each chunk the measured seconds per report at the current level decide: when the rest
+    would not fit, the next chunk runs one level cheaper; at the cheapest model level, reports that
+    cannot fit get the fallback answer.
+    """
+
+    deadline: float | None = None
+    reserve_s: float = 20.0
+    clock: Callable[[], float] = time.monotonic
+    level: int = 0
+
+    def next_level(self, remaining: int, seconds_per_case: float | None, chunk: int) -> int:
+        if self.deadline is None or seconds_per_case is None:
+            return self.level
+        left = self.deadline - self.clock() - self.reserve_s
+        if self.level < 2 and seconds_per_case * remaining > left:
+            self.level += 1
+            log.warning("time budget: %.0f s left for %d reports; switching to %s", left, remaining, LEVELS[self.level])
+        elif self.level == 2 and seconds_per_case * min(chunk, remaining) > left:
+            self.level = 3
+            log.warning("time budget: %.0f s left; the remaining %d reports get the fallback", left, remaining)
+        return self.level
 
 
 def answer_cases(
@@ -75,20 +115,69 @@ def answer_cases(
     backend: Backend,
     *,
     on_result: Callable[[CaseAnswer], None] | None = None,
+    budget: TimeBudget | None = None,
+    done: Mapping[str, CaseAnswer] | None = None,
+    chunk_size: int = 32,
 ) -> tuple[dict[str, CaseAnswer], GenerationStats]:
-    """Ask the backend about every non-blank case, retrying failures up to three attempts in all."""
-    tf = builder.tf
-    plan = attempt_plan(tf)
+    """Ask the backend about every non-blank case, in chunks, retrying failures up to three
+    attempts in all. `done` holds answers from an earlier run (the journal); `budget` degrades
+    the work to end in time; a StopRequested (signal) ends early with what is answered."""
+    budget = budget or TimeBudget()
     stats = GenerationStats(cases=len(cases))
     answers: dict[str, CaseAnswer] = {}
-    pending: list[Case] = []
+    todo: list[Case] = []
     for case in cases:
         if case.is_blank:
             stats.blank += 1
             answers[case.uid] = CaseAnswer(uid=case.uid, error="blank report")
+        elif done and case.uid in done:
+            answers[case.uid] = done[case.uid]
+            stats.resumed += 1
+            stats.answered += done[case.uid].ok
+            stats.failures += not done[case.uid].ok
         else:
-            pending.append(case)
-    by_uid = {c.uid: c for c in pending}
+            todo.append(case)
+    seconds_per_case: float | None = None
+    start = 0
+    try:
+        while start < len(todo):
+            size = min(chunk_size, 4) if seconds_per_case is None else chunk_size
+            level = budget.next_level(len(todo) - start, seconds_per_case, size)
+            chunk = todo[start : start + size]
+            if level >= 3:
+                for case in todo[start:]:
+                    stats.degraded[LEVELS[3]] = stats.degraded.get(LEVELS[3], 0) + 1
+                    answers[case.uid] = CaseAnswer(uid=case.uid, error="time budget")
+                break
+            if level > 0:
+                stats.degraded[LEVELS[level]] = stats.degraded.get(LEVELS[level], 0) + len(chunk)
+            t0 = budget.clock()
+            _answer_chunk(chunk, builder, backend, level, answers, stats, on_result)
+            seconds_per_case = (budget.clock() - t0) / max(len(chunk), 1)
+            start += len(chunk)
+    except StopRequested:
+        stats.interrupted = True
+        log.warning("stopped by a signal: %d of %d reports answered", stats.answered, len(cases))
+    return answers, stats
+
+
+def _answer_chunk(
+    chunk: Sequence[Case],
+    builder: PromptBuilder,
+    backend: Backend,
+    level: int,
+    answers: dict[str, CaseAnswer],
+    stats: GenerationStats,
+    on_result: Callable[[CaseAnswer], None] | None,
+) -> None:
+    tf = builder.tf
+    plan = attempt_plan(tf)
+    if level >= 1:
+        plan = tuple(Attempt(False, a.budget_factor) for a in plan)
+    if level >= 2:
+        plan = plan[:1]
+    by_uid = {c.uid: c for c in chunk}
+    pending = list(chunk)
     for number, attempt in enumerate(plan, start=1):
         if not pending:
             break
@@ -108,6 +197,7 @@ def answer_cases(
                 reasoning=attempt.reasoning,
                 max_tokens=tf.max_output_tokens * attempt.budget_factor,
                 attempt=number,
+                use_examples=level < 2,
             )
             requests.append(p.request)
             if number == 1:
@@ -143,7 +233,6 @@ def answer_cases(
         stats.failures += 1
         if on_result:
             on_result(answers[case.uid])
-    return answers, stats
 
 
 def _generate(backend: Backend, requests: Iterable[Request]):

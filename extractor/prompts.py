@@ -173,12 +173,14 @@ class PromptBuilder:
         prompt = self.tokenizer.render(messages)
         return prompt, len(self.tokenizer.tokenize(prompt))
 
-    def build(self, case: Case, *, reasoning: bool, max_tokens: int, attempt: int = 1) -> PromptPlan:
+    def build(
+        self, case: Case, *, reasoning: bool, max_tokens: int, attempt: int = 1, use_examples: bool = True
+    ) -> PromptPlan:
         """Render one case with its examples, fitted to the context."""
         tf = self.tf
         max_tokens = min(max_tokens, self.context_limit // 2)
         budget = self.context_limit - max_tokens - SAFETY_MARGIN_TOKENS
-        examples = self._examples_for(case)
+        examples = self._examples_for(case) if use_examples else []
         case_text = render_case(case.parts, case.text, tf)
         messages = messages_for(tf, case_text, reasoning=reasoning, examples=examples)
         prompt, n_tokens = self._count(messages)

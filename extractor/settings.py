@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ class Settings:
     vote_k: int
     blend: float
     translate: bool
+    time_limit: float | None
+    work_dir: Path
+    journal: bool
     summary: Path | None
     log_level: str
     seed: int | None
@@ -86,6 +90,8 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--fallback", "DRAGON_FALLBACK", "knn", "answer for failed cases: knn (nearest-neighbour vote) | prior"),
     ("--vote-k", "DRAGON_VOTE_K", "8", "neighbours in the nearest-neighbour vote"),
     ("--blend", "DRAGON_BLEND", "0", "weight of the neighbour vote mixed into model scores (0: model alone)"),
+    ("--time-limit", "DRAGON_TIME_LIMIT", None, "seconds the job may take; it degrades to finish inside them"),
+    ("--work-dir", "DRAGON_WORK_DIR", None, "folder for the checkpoint journal (default: <temp dir>/dragon-extractor)"),
     ("--summary", "DRAGON_SUMMARY", None, "also write the run summary as JSON here"),
     ("--log-level", "DRAGON_LOG_LEVEL", "INFO", "DEBUG | INFO | WARNING"),
     ("--seed", "DRAGON_SEED", None, "random seed (default: the job id)"),
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=translate,
         help="ablation: have the model translate each report to English first (not for NER) [DRAGON_TRANSLATE]",
     )
+    no_journal = os.environ.get("DRAGON_NO_JOURNAL", "").lower() in ("1", "true", "yes")
+    parser.add_argument(
+        "--no-journal",
+        action="store_true",
+        default=no_journal,
+        help="do not keep or reuse the checkpoint journal [DRAGON_NO_JOURNAL]",
+    )
     allow = os.environ.get("DRAGON_ALLOW_CPU", "").lower() in ("1", "true", "yes")
     parser.add_argument(
         "--allow-cpu",
@@ -127,6 +140,18 @@ def _int_or_none(value: str | None, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise SystemExit(f"{name}: expected a whole number, got {value!r}") from None
+
+
+def _float_or_none(value: str | None, name: str) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise SystemExit(f"{name}: expected a number of seconds, got {value!r}") from None
+    if number <= 0:
+        raise SystemExit(f"{name}: expected a positive number of seconds, got {value!r}")
+    return number
 
 
 def parse_settings(argv: Sequence[str] | None = None) -> Settings:
@@ -162,6 +187,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
         blend=blend,
         translate=bool(args.translate),
+        time_limit=_float_or_none(args.time_limit, "--time-limit"),
+        work_dir=Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "dragon-extractor",
+        journal=not args.no_journal,
         summary=Path(args.summary) if args.summary else None,
         log_level=str(args.log_level).upper(),
         seed=_int_or_none(args.seed, "--seed"),

@@ -54,6 +54,9 @@ class RunSummary:
     truncated: int = 0
     examples: int = 0
     translated: int = 0
+    resumed: int = 0
+    interrupted: bool = False
+    degraded: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     output_tokens: int = 0
     n_ctx: int = 0
@@ -79,13 +82,18 @@ class RunSummary:
     def log_lines(self) -> list[str]:
         total = sum(self.stage_seconds.values())
         rate = self.cases / self.stage_seconds["generate"] if self.stage_seconds.get("generate") else 0.0
-        return [
-            f"task {self.task_name} (job {self.jobid}) with {self.backend} backend, model {self.model}",
-            f"taskfile {self.taskfile} ({self.taskfile_sha256[:12]})",
-            f"cases {self.cases}: answered {self.answered}, blank {self.blank}, failures {self.failures} "
-            f"(fallback used), retries {self.retries}, truncated prompts {self.truncated}",
-            f"solved examples shown {self.examples}",
-            f"tokens: prompt {self.prompt_tokens}, output {self.output_tokens}; context {self.n_ctx}",
-            "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
-            f"throughput {rate:.2f} reports/s",
-        ] + ([f"errors: {self.errors}"] if self.errors else [])
+        return (
+            [
+                f"task {self.task_name} (job {self.jobid}) with {self.backend} backend, model {self.model}",
+                f"taskfile {self.taskfile} ({self.taskfile_sha256[:12]})",
+                f"cases {self.cases}: answered {self.answered}, blank {self.blank}, failures {self.failures} "
+                f"(fallback used), retries {self.retries}, truncated prompts {self.truncated}",
+                f"solved examples shown {self.examples}, resumed from the journal {self.resumed}",
+                f"tokens: prompt {self.prompt_tokens}, output {self.output_tokens}; context {self.n_ctx}",
+                "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
+                f"throughput {rate:.2f} reports/s",
+            ]
+            + ([f"errors: {self.errors}"] if self.errors else [])
+            + ([f"degraded to fit the time limit: {self.degraded}"] if self.degraded else [])
+            + (["interrupted by a signal"] if self.interrupted else [])
+        )

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     started = time.monotonic()
-    install_signal_handlers()
+    previous = install_signal_handlers()
     try:
         summary = run_job(settings, started=started)
     except (JobError, TaskfileError, ModelNotFound, EngineError) as err:
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except PredictionError as err:
         log.error("nothing written: %s", err)
         return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for line in summary.log_lines():
         log.info("summary: %s", line)
     if settings.summary:
@@ -327,15 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM/SIGINT end generation at once; the job then writes complete predictions and exits 3."""
+def install_signal_handlers() -> dict[int, Any]:
+    """SIGTERM/SIGINT end generation at once; the job then writes complete predictions and exits 3.
+    Returns the handlers they replace."""
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the writing
         raise StopRequested(signal.Signals(signum).name)
 
+    previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+        previous[sig] = signal.signal(sig, handler)
+    return previous
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 from llama_cpp import Llama, llama_cpp
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -89,27 +90,39 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (affinity-aware): llama.cpp's worker threads spin, so one
+    thread more than there are cores slows decoding down many times."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class LlamaChat:
     """The model's tokenizer and chat template, without allocating a context for inference."""
 
-    def __init__(self, llm: Llama) -> None:
-        self.llm = llm
-        template = llm.metadata.get("tokenizer.chat_template")
+    def __init__(self, llm: Llama | LlamaModel) -> None:
+        self.model = llm._model if isinstance(llm, Llama) else llm
+        model = self.model
+        metadata = model.metadata()
+        template = metadata.get("tokenizer.chat_template")
         if not template:
             log.warning("the model has no chat template; using ChatML")
             template = CHATML_TEMPLATE
-        model = llm._model
         bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
         eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
         self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-        arch = llm.metadata.get("general.architecture", "")
+        arch = metadata.get("general.architecture", "")
         # A vocab-only load reports 0 as the trained context; the GGUF metadata has it.
-        self._limit = model.n_ctx_train() or int(llm.metadata.get(f"{arch}.context_length", 4096))
+        self._limit = model.n_ctx_train() or int(metadata.get(f"{arch}.context_length", 4096))
 
     @classmethod
     def open(cls, model_path: Path) -> LlamaChat:
-        """Tokenizer and template only (no weights in memory): for counting before sizing the context."""
-        return cls(Llama(str(model_path), vocab_only=True, verbose=False))
+        """Tokenizer and template only (no weights, no context): for counting before sizing the context."""
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        return cls(LlamaModel(path_model=str(model_path), params=params, verbose=False))
 
     @property
     def context_limit(self) -> int:
@@ -130,10 +143,10 @@ class LlamaChat:
             return self._formatter(messages=rest).prompt
 
     def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens)).decode("utf-8", errors="ignore")
+        return self.model.detokenize(list(tokens)).decode("utf-8", errors="ignore")
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,7 @@ class LlamaEngine:
 
     def __init__(self, model_path: Path, options: EngineOptions) -> None:
         self.options = options
-        n_threads = options.n_threads or os.cpu_count() or 1
+        n_threads = options.n_threads or available_cores()
         start = time.perf_counter()
         try:
             self.llm = Llama(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import logging
 import math
 import re
@@ -45,6 +46,7 @@ class JobRow:
     cases: int = 0
     error: str | None = None
     score: float | None = None
+    note: str = ""
 
 
 @dataclass
@@ -173,10 +175,13 @@ def score(rows: list[JobRow], pred_root: Path, gt_dir: Path, work: Path) -> dict
                 folds=sorted({r.fold for r in task_rows}),
                 tasks=[task],
             ).evaluate()
-        result = orjson.loads(out_file.read_bytes())
+        result = json.loads(out_file.read_text())  # dragon-eval writes NaN for undefined metrics
         (work / f"dragon-eval-{task}.log").write_text(captured.getvalue())
         for r in task_rows:
             r.score = float(result["case"][task][job_name(r)])
+            if math.isnan(r.score):
+                log.warning("%s: the metric is undefined on these cases (NaN); counted as 0", job_name(r))
+                r.score, r.note = 0.0, "NaN (undefined on these cases), counted as 0"
         metrics["case"][task] = result["case"][task]
         metrics["aggregates"][task] = result["aggregates"][task]
     return metrics
@@ -212,6 +217,7 @@ def render_table(report: EvalReport) -> list[str]:
     ]
     for r in report.rows:
         shown = f"{r.score:.3f}" if r.score is not None else f"error: {r.error}"
+        shown += f" ({r.note})" if r.note else ""
         kind = r.label_name.removesuffix("_target")
         cells = [r.task_name, str(r.fold), kind, metric_name(r.task_name), shown, f"{r.seconds:.1f}", str(r.failures)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -199,7 +199,7 @@ def test_ten_thousand_reports_in_bounded_memory(tmp_path: Path) -> None:
 
 @needs_model
 def test_same_job_twice_gives_byte_identical_predictions(tmp_path: Path) -> None:
-    job = JOBS / "Task104_Example_ml_bin_clf-fold0"
+    job = JOBS / "Task101_Example_sl_bin_clf-fold0"
     outputs = []
     for run in ("a", "b"):
         out = tmp_path / run

@@ -11,28 +11,20 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from extractor.adapters import Adapter, DragonAdapter
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
-from extractor.dragon_io import (
-    CONFIG_FILE,
-    TEST_FILE,
-    TRAIN_FILE,
-    Job,
-    JobError,
-    PredictionError,
-    load_job,
-    verify_predictions,
-    write_predictions,
-)
+from extractor.dragon_io import Job, JobError, PredictionError
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
 from extractor.generation import CaseAnswer, StopRequested, TimeBudget, answer_cases
 from extractor.journal import Journal, journal_key
+from extractor.metrics import task_score
 from extractor.postprocess import blend_with_vote, to_prediction
 from extractor.prior import TrainingPrior
 from extractor.prompts import ExamplePicker, PromptBuilder
@@ -53,15 +45,23 @@ EXIT_INTERRUPTED = 3
 
 
 def run_job(
-    settings: Settings, *, backend: str = "llama", ground_truth: Path | None = None, started: float | None = None
+    settings: Settings,
+    *,
+    backend: str = "llama",
+    ground_truth: Path | None = None,
+    started: float | None = None,
+    adapter: Adapter | None = None,
 ) -> RunSummary:
-    """Run one job end to end and write its predictions; returns what happened."""
+    """Run one job end to end and write its predictions; returns what happened.
+
+    The adapter is the challenge: DRAGON's four JSON files by default (extractor/adapters/)."""
+    adapter = adapter or DragonAdapter()
     summary = RunSummary(backend=backend)
     started = time.monotonic() if started is None else started
     budget = TimeBudget(deadline=started + settings.time_limit if settings.time_limit else None)
 
     with summary.stage("load job"):
-        job = load_job(settings.input)
+        job = adapter.load(settings.input)
         if settings.max_cases is not None:
             job = dataclasses.replace(job, test=job.test[: settings.max_cases])
         summary.task_name, summary.jobid, summary.cases = job.config.task_name, job.config.jobid, len(job.test)
@@ -83,18 +83,22 @@ def run_job(
             job = translate_job(job, tf, tokenizer, start_backend, settings, summary)
         builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
 
+    if settings.choose_examples and job.validation and job.test:
+        with summary.stage("choose examples on validation"):
+            tf, builder = choose_on_validation(job, tf, tokenizer, start_backend, retriever, settings, summary)
+
     with summary.stage("generate"):
-        journal = open_journal(settings, job, tf, summary) if job.test else None
+        journal = open_journal(settings, job, tf, summary, adapter.input_files(job)) if job.test else None
         answers = generate(job, builder, start_backend, summary, budget, journal) if job.test else {}
 
     with summary.stage("post-process"):
         records = predictions(job, tf, answers, fallback, settings.blend, summary)
 
     with summary.stage("verify"):
-        verify_predictions(records, job)
+        adapter.verify(records, job)
 
     with summary.stage("write"):
-        summary.predictions = str(write_predictions(records, settings.output))
+        summary.predictions = ", ".join(str(p) for p in adapter.write(records, job, settings.output))
     return summary
 
 
@@ -136,8 +140,12 @@ def open_backend(
     summary.model, summary.model_sha256 = model_path.name, file_sha256(model_path)
     log.info("model %s (sha256 %s)", model_path, summary.model_sha256[:12])
 
+    started: list[LlamaEngine] = []
+
     def start(n_ctx: int) -> Backend:
-        """Load the model; when the context cannot be allocated (GPU memory), try half as large."""
+        """Load the model (once per job); when the context cannot be allocated (GPU memory), try half as large."""
+        if started and started[0].n_ctx >= n_ctx and not started[0].closed:
+            return started[0]
         seed = settings.seed if settings.seed is not None else job.config.jobid
         while True:
             options = EngineOptions(
@@ -152,6 +160,7 @@ def open_backend(
                 log.warning("%s; retrying with a %d-token context", err, n_ctx // 2)
                 n_ctx //= 2
         engine.check_schema(answer_schema(tf, reasoning=tf.reasoning.enabled))
+        started[:] = [engine]
         return engine
 
     return LlamaChat.open(model_path), start
@@ -211,15 +220,65 @@ def prompt_builder(
     return builder
 
 
-def open_journal(settings: Settings, job: Job, tf: Taskfile, summary: RunSummary) -> Journal | None:
+def choose_on_validation(
+    job: Job,
+    tf: Taskfile,
+    tokenizer: ChatTokenizer,
+    start_backend: Callable[[int], Backend],
+    retriever: Retriever,
+    settings: Settings,
+    summary: RunSummary,
+) -> tuple[Taskfile, PromptBuilder]:
+    """Score zero-shot, fixed and retrieved examples on the first validation cases and keep the best.
+
+    The validation set only chooses; it is never shown to the model as examples.
+    """
+    sample = job.validation[: settings.choose_examples]
+    k = tf.examples.k or 4
+    backend = start_backend(summary.n_ctx)
+    scores: dict[str, float] = {}
+    for strategy in ("none", "fixed", "retrieved"):
+        candidate = tf.model_copy(
+            update={"examples": Examples(strategy=strategy, k=k, max_chars=tf.examples.max_chars)}
+        )
+        picker = example_picker(strategy, k, job.train, job.task_type, retriever)
+        builder = PromptBuilder(
+            candidate, tokenizer, truncation_side=job.config.recommended_truncation_side,
+            context_limit=summary.n_ctx, examples=picker,
+        )  # fmt: skip
+        answers, _ = answer_cases(sample, builder, backend)
+        fallback = TrainingPrior(job.train, job.task_type)
+        preds = [
+            to_prediction(answers[c.uid].answer, answers[c.uid].likelihoods, candidate, c.parts)
+            if answers[c.uid].ok
+            else fallback(c)
+            for c in sample
+        ]
+        scores[strategy] = task_score(job.task_type, [c.label for c in sample], preds)
+    best = max(scores, key=lambda name: (scores[name], name == tf.examples.strategy))
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    margin = ranked[0][1] - ranked[1][1] if len(ranked) > 1 else 0.0
+    log.info("examples on %d validation cases: %s; using %s (by %.3f)", len(sample), scores, best, margin)
+    summary.choice = {"scores": scores, "chosen": best, "validation_cases": len(sample)}
+    chosen = tf.model_copy(update={"examples": Examples(strategy=best, k=k, max_chars=tf.examples.max_chars)})
+    picker = example_picker(best, k, job.train, job.task_type, retriever)
+    builder = PromptBuilder(
+        chosen, tokenizer, truncation_side=job.config.recommended_truncation_side,
+        context_limit=summary.n_ctx, examples=picker,
+    )  # fmt: skip
+    return chosen, builder
+
+
+def open_journal(
+    settings: Settings, job: Job, tf: Taskfile, summary: RunSummary, input_files: Sequence[Path]
+) -> Journal | None:
     """The checkpoint journal of this exact job, model, Taskfile and settings."""
     if not settings.journal:
         return None
     answer_settings = (settings.examples, settings.k, settings.reasoning, settings.translate, settings.n_ctx)
-    files = [job.input_dir / name for name in (CONFIG_FILE, TRAIN_FILE, TEST_FILE)]
-    key = journal_key(
-        summary.backend, summary.model_sha256, tf.digest(), answer_settings, settings.max_cases, files=files
-    )
+    # The code is part of the key: answers from another version of the pipeline are not reused.
+    files = [*input_files, *sorted(CODE_DIR.glob("*.py"))]
+    key = journal_key(summary.backend, summary.model_sha256, tf.digest(), answer_settings, files=files)
     return Journal(settings.work_dir / f"{job.config.task_name}-{key[:16]}.jsonl")
 
 

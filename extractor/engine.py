@@ -208,6 +208,7 @@ class LlamaEngine:
             raise EngineError(f"cannot load {model_path} with a {options.n_ctx}-token context: {err}") from err
         self.chat = LlamaChat(self.llm)
         self.n_ctx = options.n_ctx
+        self.closed = False
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         self.stats = EngineStats()
@@ -454,6 +455,7 @@ class LlamaEngine:
             llama_cpp.llama_sampler_free(sampler)
         self._grammars.clear()
         self.llm.close()
+        self.closed = True
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -41,6 +41,7 @@ class Settings:
     vote_k: int
     blend: float
     translate: bool
+    choose_examples: int
     time_limit: float | None
     work_dir: Path
     journal: bool
@@ -90,6 +91,12 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--fallback", "DRAGON_FALLBACK", "knn", "answer for failed cases: knn (nearest-neighbour vote) | prior"),
     ("--vote-k", "DRAGON_VOTE_K", "8", "neighbours in the nearest-neighbour vote"),
     ("--blend", "DRAGON_BLEND", "0", "weight of the neighbour vote mixed into model scores (0: model alone)"),
+    (
+        "--choose-examples",
+        "DRAGON_CHOOSE_EXAMPLES",
+        "0",
+        "try none/fixed/retrieved examples on N validation cases",
+    ),
     ("--time-limit", "DRAGON_TIME_LIMIT", None, "seconds the job may take; it degrades to finish inside them"),
     ("--work-dir", "DRAGON_WORK_DIR", None, "folder for the checkpoint journal (default: <temp dir>/dragon-extractor)"),
     ("--summary", "DRAGON_SUMMARY", None, "also write the run summary as JSON here"),
@@ -187,6 +194,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
         blend=blend,
         translate=bool(args.translate),
+        choose_examples=_int_or_none(args.choose_examples, "--choose-examples") or 0,
         time_limit=_float_or_none(args.time_limit, "--time-limit"),
         work_dir=Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "dragon-extractor",
         journal=not args.no_journal,

@@ -57,6 +57,7 @@ class RunSummary:
     resumed: int = 0
     interrupted: bool = False
     degraded: dict[str, int] = field(default_factory=dict)
+    choice: dict[str, Any] = field(default_factory=dict)
     prompt_tokens: int = 0
     output_tokens: int = 0
     n_ctx: int = 0

@@ -92,3 +92,14 @@ def test_translation_pass_runs_with_the_default_model(tmp_path: Path) -> None:
     assert process.main([*args, "--summary", str(summary), "--reasoning", "off"]) == 0
     assert orjson.loads(summary.read_bytes())["translated"] == 1
     assert len(orjson.loads((tmp_path / "o" / PRED).read_bytes())) == 1
+
+
+@needs_model
+def test_examples_strategy_is_chosen_on_validation(tmp_path: Path) -> None:
+    summary = tmp_path / "s.json"
+    args = ["--input", str(JOBS / "Task101_Example_sl_bin_clf-fold0"), "--output", str(tmp_path / "o")]
+    args += ["--max-cases", "1", "--choose-examples", "3", "--summary", str(summary), "--work-dir", str(tmp_path / "w")]
+    assert process.main(args) == 0
+    choice = orjson.loads(summary.read_bytes())["choice"]
+    assert set(choice["scores"]) == {"none", "fixed", "retrieved"} and choice["validation_cases"] == 3
+    assert choice["chosen"] == max(choice["scores"], key=choice["scores"].get)

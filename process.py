@@ -103,10 +103,12 @@ def run_job(
 
 
 def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
-    """Command-line overrides of the Taskfile's reasoning and example choices."""
+    """Command-line overrides of the Taskfile's reasoning, examples and output budget."""
     update: dict[str, Any] = {}
     if settings.reasoning != "auto":
         update["reasoning"] = Reasoning(enabled=settings.reasoning == "on", max_chars=tf.reasoning.max_chars)
+    if settings.max_output_tokens is not None:
+        update["max_output_tokens"] = max(8, min(tf.max_output_tokens, settings.max_output_tokens))
     if settings.examples != "auto" or settings.k is not None:
         strategy = tf.examples.strategy if settings.examples == "auto" else settings.examples
         k = tf.examples.k if settings.k is None else settings.k

@@ -4,26 +4,36 @@ Same answers as `LlamaEngine` (greedy decoding under the JSON-schema grammar, la
 at each scored field's value start, the most likely literal written), computed for up to N
 reports at a time through llama.cpp's batch API:
 
-* One `llama_batch` per step carries, for every active sequence, what it needs next: a chunk of
-  its prompt, the token it just chose, the forced tokens of a scored literal, or one candidate
-  literal being scored. Finished sequences are replaced by waiting requests at the next step
-  (continuous refill), and results are yielded as they finish.
+* Each step evaluates, for every active sequence, what it needs next: a chunk of its prompt, the
+  token it just chose, the forced tokens of a scored literal, or one candidate literal being
+  scored. Finished sequences are replaced by waiting requests at the next step (continuous
+  refill), and results are yielded as they finish.
 * The KV cache is split per sequence (`kv_unified=False`: attention only over a sequence's own
-  cells). The token prefix every request of a call shares (instructions, template) is evaluated
+  cells). The token prefix the requests of a call share (instructions, template) is evaluated
   once in its own sequence and copied into each new request's sequence with
   `llama_memory_seq_cp`; it stays cached between calls, so a retry round reuses it.
 * One grammar sampler per sequence (a clone of the schema's compiled grammar). The greedy token
-  is checked alone; when the grammar rejects it, the top-k tokens are checked, and only when none
-  of those is allowed the whole vocabulary: the chosen token is the same as a full scan's.
+  is checked alone; when the grammar rejects it, the top 64, then the top 2048 tokens are
+  checked, and the whole vocabulary only when none of those is allowed: the chosen token is
+  always the one a full scan would choose.
 * Candidate literals are scored in the sequence's own cache at the decision point (one literal
   per step, then removed with `llama_memory_seq_rm`), so the likelihoods are the quantities
   `LlamaEngine` computes: first token from the current logits, further tokens evaluated; the
   chosen literal is then evaluated as one piece, as `LlamaEngine` does.
 
-Context parameters mirror what the high-level `Llama` sets (flash attention off, the same RoPE/YaRN
-fields, threads), because llama.cpp's own defaults differ and change the logits. Batched matrix
-products round differently from one-at-a-time ones, so rare near-tie tokens can differ from
-`LlamaEngine`; parsed answers agree (see the README's throughput section).
+Same numbers, not only the same method. llama.cpp's CPU kernels round differently when a physical
+batch holds one token than when it holds several (a different matrix-product path; the 8-bit
+re-quantisation of activations turns the tiny difference into ~0.1-0.5 in the logits), and a
+sequence's tokens are split across physical batches by how many tokens each sequence brings. The
+CPU plan (`exact=True`, the default without a GPU) therefore evaluates each sequence's tokens in
+the shapes LlamaEngine uses: one call per step with every one-token feed (all decoding sequences,
+one token each, as LlamaEngine decodes), then one call per longer feed (a prompt chunk, a forced
+literal, a multi-token candidate), never leaving a lone prompt token. On a CPU the results are
+then identical to LlamaEngine's and independent of N and of which requests share a batch. The
+GPU plan (`exact=False`) puts everything in one `llama_decode` per step and feeds forced literals
+one token per step, the fewest passes over the weights; GPU kernels round by batch size anyway.
+Context parameters mirror what the high-level `Llama` sets (flash attention off, the same
+RoPE/YaRN fields, threads), because llama.cpp's own defaults differ and change the logits.
 
 Defaults: N (parallel sequences) is `EngineOptions.n_seq` or, when 0, 8 on a CPU and 16 on a GPU,
 lowered so that the KV cache of N + 1 sequences fits in half the free memory. `EngineOptions.n_ctx`
@@ -36,7 +46,6 @@ import contextlib
 import ctypes
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +56,7 @@ from typing import Any
 import numpy as np
 import orjson
 from llama_cpp import _internals, llama_cpp
+from llama_cpp._logger import set_verbose
 from llama_cpp._utils import suppress_stdout_stderr
 
 from extractor.backend import Request, Result
@@ -57,6 +67,7 @@ from extractor.engine import (
     LlamaChat,
     _at_value,
     _log_softmax,
+    available_cores,
     gpu_layers,
     nvidia_gpu_visible,
     schema_to_grammar,
@@ -171,13 +182,20 @@ class BatchedLlamaEngine:
 
     name = "llama-batched"
 
-    def __init__(self, model_path: Path, options: EngineOptions, n_seq: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        options: EngineOptions,
+        n_seq: int | None = None,
+        *,
+        exact: bool | None = None,
+    ) -> None:
         self.options = options
         self._stack = contextlib.ExitStack()
-        n_threads = options.n_threads or os.cpu_count() or 1
+        n_threads = options.n_threads or available_cores()
         start = time.perf_counter()
+        set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's own log lines stay quiet
         try:
-            self.chat = LlamaChat.open(Path(model_path))
             n_gpu = gpu_layers(options)
             mparams = llama_cpp.llama_model_default_params()
             mparams.n_gpu_layers = 0x7FFFFFFF if n_gpu == -1 else n_gpu
@@ -188,12 +206,38 @@ class BatchedLlamaEngine:
         except ValueError as err:
             self._stack.close()
             raise EngineError(f"cannot load {model_path}: {err}") from err
+        try:
+            self._setup(model_path, options, n_seq, exact, n_gpu, n_threads)
+        except BaseException:
+            self._stack.close()
+            raise
+        log.info(
+            "loaded %s in %.1fs: %d parallel sequences of %d tokens, %d threads%s",
+            Path(model_path).name,
+            time.perf_counter() - start,
+            self.n_seq,
+            self.n_ctx_seq,
+            n_threads,
+            ", GPU" if self.on_gpu else "",
+        )
+
+    def _setup(
+        self,
+        model_path: Path,
+        options: EngineOptions,
+        n_seq: int | None,
+        exact: bool | None,
+        n_gpu: int,
+        n_threads: int,
+    ) -> None:
+        self.chat = LlamaChat(self._model)
         model = self._model.model
         self.vocab = self._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.on_gpu = n_gpu != 0
+        self.exact = (not self.on_gpu) if exact is None else exact
         self.n_ctx_seq = -(-max(options.n_ctx, 256) // 256) * 256  # llama.cpp pads it to 256
-        kv_tok = kv_bytes_per_token(model, self.chat.llm.metadata)
+        kv_tok = kv_bytes_per_token(model, self._model.metadata())
         requested = n_seq if n_seq is not None else options.n_seq
         self.n_seq = choose_n_seq(requested, self.on_gpu, self.n_ctx_seq, kv_tok, free_memory_bytes(self.on_gpu))
         self.prefix_seq = self.n_seq  # the shared prefix lives in its own sequence, after the slots
@@ -230,11 +274,11 @@ class BatchedLlamaEngine:
                     contextlib.closing(_internals.LlamaContext(model=self._model, params=cparams, verbose=False))
                 )
         except ValueError as err:
-            self._stack.close()
             raise EngineError(
                 f"cannot create a context of {self.n_seq + 1} x {self.n_ctx_seq} tokens for {model_path}: {err}"
             ) from err
         self.ctx = self._ctx.ctx
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self._stack.callback(llama_cpp.llama_batch_free, self._batch)
@@ -250,12 +294,12 @@ class BatchedLlamaEngine:
             n_seq=self.n_seq,
             n_ctx_seq=self.n_ctx_seq,
             steps=0,
+            calls=0,
             batch_tokens=0,
             topk_grammar_applies=0,
             stream_copies=0,
         )
         self._grammars: dict[bytes, Any] = {}
-        self._clones: set[int] = set()
         self._live: dict[int, Any] = {}
         self._pieces: dict[int, bytes] = {}
         self._variant_tokens: dict[str, list[int]] = {}
@@ -273,15 +317,6 @@ class BatchedLlamaEngine:
         self._ids = np.arange(self.n_vocab, dtype=np.intc)
         self._piece_buf = ctypes.create_string_buffer(256)
         self._closed = False
-        log.info(
-            "loaded %s in %.1fs: %d parallel sequences of %d tokens, %d threads%s",
-            Path(model_path).name,
-            time.perf_counter() - start,
-            self.n_seq,
-            self.n_ctx_seq,
-            n_threads,
-            ", GPU" if self.on_gpu else "",
-        )
 
     # -- grammar -------------------------------------------------------------------------------
 
@@ -376,7 +411,7 @@ class BatchedLlamaEngine:
     def _tokens_of(self, text: str) -> list[int]:
         toks = self._variant_tokens.get(text)
         if toks is None:
-            toks = self.chat.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            toks = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
             self._variant_tokens[text] = toks
         return toks
 
@@ -415,8 +450,11 @@ class BatchedLlamaEngine:
         self._prefix = self._prefix[:keep]
         todo = tokens[keep:]
         t0 = time.perf_counter()
-        for i in range(0, len(todo), self.prefill_chunk):
-            chunk = todo[i : i + self.prefill_chunk].tolist()
+        starts = list(range(0, len(todo), self.prefill_chunk))
+        if len(starts) > 1 and len(todo) - starts[-1] == 1:
+            starts[-1] -= 1  # no one-token piece (see _chunk)
+        for i, j in zip(starts, [*starts[1:], len(todo)][: len(starts)], strict=True):
+            chunk = todo[i:j].tolist()
             n = self._put(0, chunk, self.prefix_seq, keep + i, "last")
             try:
                 self._decode(n)
@@ -465,12 +503,14 @@ class BatchedLlamaEngine:
 
         arrays = [np.asarray(p.tokens, dtype=np.intc) for p in prepared]
         first = arrays[0]
-        shared = [min(_lcp(first, a), len(a) - 1, len(first) - 1) for a in arrays[1:]]
+        # Every request keeps at least two prompt tokens of its own: a lone token would be
+        # evaluated in a one-token physical batch (see the module docstring).
+        shared = [min(_lcp(first, a), len(a) - 2, len(first) - 2) for a in arrays[1:]]
         shared = [s for s in shared if s >= MIN_SHARED_PREFIX]
         if shared:
             p_len = min(shared)
         elif len(arrays) == 1:
-            p_len = len(first) - 1  # one request: its prompt stays cached for the next call
+            p_len = max(len(first) - 2, 0)  # one request: its prompt stays cached for the next call
         else:
             p_len = 0
         try:
@@ -492,7 +532,6 @@ class BatchedLlamaEngine:
                 llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
 
     def _run(self, waiting: deque, slots: list[_Slot | None], p_len: int) -> Iterator[Result]:
-        stats = self.stats
         prefix = self._prefix
         while waiting or any(s is not None for s in slots):
             done: list[Result] = []
@@ -518,69 +557,110 @@ class BatchedLlamaEngine:
             if not active:
                 yield from done
                 continue
+            self.stats.extra["steps"] += 1
 
-            # Room: one prompt token per prefilling sequence (so none is left out of the run of
-            # sequence ids a physical batch takes), then generated, forced and candidate tokens,
-            # then the rest of the prompt chunks.
-            prompt_slots = [s for s in active if s.phase == _PROMPT]
-            room = self.capacity - len(prompt_slots)
-            feeds: dict[int, tuple[list[int], str, int]] = {}  # seq -> (tokens, logits, kind)
-            for s in active:
-                if s.phase == _PROMPT:
-                    continue
-                toks, logits = (s.feed, "last") if s.phase == _GEN else (s.queue[0].tokens[:-1], "all")
-                if len(toks) > room:
-                    continue  # waits for the next step
-                feeds[s.seq] = (toks, logits, s.phase)
-                room -= len(toks)
-            budget = max(0, min(room, self.prefill_chunk - len(prompt_slots)))
-            for s in prompt_slots:
-                take = 1 + min(len(s.pending) - 1, budget)
-                budget -= take - 1
-                feeds[s.seq] = (s.pending[:take], "last" if take == len(s.pending) else "none", _PROMPT)
-            rows: list[tuple[_Slot, int, int, int]] = []
-            at = 0
-            n_kind = [0, 0, 0]
-            for s in active:
-                if s.seq not in feeds:
-                    continue
-                toks, logits, kind = feeds[s.seq]
-                rows.append((s, kind, at, len(toks)))
-                at = self._put(at, toks, s.seq, s.n_past, logits)
-                n_kind[kind] += len(toks)
-
-            if at == 0:
-                raise RuntimeError("nothing to evaluate in a step with active sequences")
-            t0 = time.perf_counter()
-            try:
-                self._decode(at)
-            except RuntimeError as err:
-                log.warning("a batch of %d sequences failed: %s", len(active), err)
-                for s in active:
-                    done.append(self._fail(slots, s, err))
-                yield from done
-                continue
-            dt = time.perf_counter() - t0
-            stats.extra["steps"] += 1
-            stats.extra["batch_tokens"] += at
-            stats.prefill_s += dt * n_kind[_PROMPT] / at
-            stats.decode_s += dt * n_kind[_GEN] / at
-            stats.scoring_s += dt * n_kind[_SCORE] / at
-            stats.prompt_tokens_evaluated += n_kind[_PROMPT]
-
-            for s, kind, i0, n in rows:
+            calls = self._plan_exact(active) if self.exact else self._plan_mixed(active)
+            for entries in calls:
                 try:
-                    result = self._after(s, kind, i0, n)
-                except (RuntimeError, ValueError) as err:
-                    log.warning("uid %s: generation failed: %s", s.req.uid, err)
-                    result = self._fail(slots, s, err)
-                    done.append(result)
+                    rows = self._evaluate(entries)
+                except RuntimeError as err:
+                    log.warning("a batch of %d sequences failed: %s", len(entries), err)
+                    for s, *_ in entries:
+                        if slots[s.seq] is s:
+                            done.append(self._fail(slots, s, err))
                     continue
-                if result is not None:
-                    slots[s.seq] = None
-                    self._free(s.grammar)
-                    done.append(result)
+                for s, kind, i0, n in rows:
+                    try:
+                        result = self._after(s, kind, i0, n)
+                    except (RuntimeError, ValueError) as err:
+                        log.warning("uid %s: generation failed: %s", s.req.uid, err)
+                        done.append(self._fail(slots, s, err))
+                        continue
+                    if result is not None:
+                        slots[s.seq] = None
+                        self._free(s.grammar)
+                        done.append(result)
             yield from done
+
+    # -- planning and evaluating one step ----------------------------------------------------------
+
+    def _chunk(self, pending: int, budget: int) -> int:
+        """Prompt tokens to evaluate now: all that fit, never leaving or taking a lone token
+        (a one-token physical batch takes another kernel path and rounds differently)."""
+        if pending <= budget:
+            return pending
+        take = budget - 1 if pending - budget == 1 else budget
+        return take if take >= 2 else 0
+
+    def _plan_exact(self, active: list[_Slot]) -> list[list[tuple[_Slot, list[int], str, int]]]:
+        """One call with every one-token feed (one token per sequence: decoding, as LlamaEngine
+        decodes), then one call per longer feed (a prompt chunk, a forced literal, a multi-token
+        candidate), so each sequence's tokens are evaluated in the same shapes LlamaEngine uses
+        and the logits come out the same on a CPU."""
+        singles: list[tuple[_Slot, list[int], str, int]] = []
+        multis: list[tuple[_Slot, list[int], str, int]] = []
+        budget = self.prefill_chunk
+        for s in active:
+            if s.phase == _PROMPT:
+                take = self._chunk(len(s.pending), budget)
+                if take == 0:
+                    continue
+                budget -= take
+                entry = (s, s.pending[:take], "last" if take == len(s.pending) else "none", _PROMPT)
+            elif s.phase == _GEN:
+                entry = (s, s.feed, "last", _GEN)
+            else:
+                entry = (s, s.queue[0].tokens[:-1], "all", _SCORE)
+            (singles if len(entry[1]) == 1 else multis).append(entry)
+        return ([singles] if singles else []) + [[m] for m in multis]
+
+    def _plan_mixed(self, active: list[_Slot]) -> list[list[tuple[_Slot, list[int], str, int]]]:
+        """Everything in one call (fewest passes over the weights: the GPU plan). Forced literals
+        go one token per step; every prefilling sequence gets at least one token, so the run of
+        sequence ids a physical batch takes is not broken."""
+        prompt_slots = [s for s in active if s.phase == _PROMPT]
+        room = self.capacity - len(prompt_slots)
+        feeds: dict[int, tuple[list[int], str, int]] = {}
+        for s in active:
+            if s.phase == _PROMPT:
+                continue
+            if s.phase == _GEN:
+                toks, logits = s.feed[:1], ("last" if len(s.feed) == 1 else "none")
+            else:
+                toks, logits = s.queue[0].tokens[:-1], "all"
+            if len(toks) > room:
+                continue  # waits for the next step
+            feeds[s.seq] = (toks, logits, s.phase)
+            room -= len(toks)
+        budget = max(0, min(room, self.prefill_chunk - len(prompt_slots)))
+        for s in prompt_slots:
+            take = 1 + min(len(s.pending) - 1, budget)
+            budget -= take - 1
+            feeds[s.seq] = (s.pending[:take], "last" if take == len(s.pending) else "none", _PROMPT)
+        return [[(s, *feeds[s.seq]) for s in active if s.seq in feeds]]
+
+    def _evaluate(self, entries: list[tuple[_Slot, list[int], str, int]]) -> list[tuple[_Slot, int, int, int]]:
+        """Decode one call; its rows per sequence, and the time split by what the tokens were."""
+        rows: list[tuple[_Slot, int, int, int]] = []
+        at = 0
+        n_kind = [0, 0, 0]
+        for s, toks, logits, kind in entries:
+            rows.append((s, kind, at, len(toks)))
+            at = self._put(at, toks, s.seq, s.n_past, logits)
+            n_kind[kind] += len(toks)
+        if at == 0:
+            return rows
+        t0 = time.perf_counter()
+        self._decode(at)
+        dt = time.perf_counter() - t0
+        stats = self.stats
+        stats.extra["calls"] += 1
+        stats.extra["batch_tokens"] += at
+        stats.prefill_s += dt * n_kind[_PROMPT] / at
+        stats.decode_s += dt * n_kind[_GEN] / at
+        stats.scoring_s += dt * n_kind[_SCORE] / at
+        stats.prompt_tokens_evaluated += n_kind[_PROMPT]
+        return rows
 
     def _fail(self, slots: list[_Slot | None], s: _Slot, err: Exception) -> Result:
         slots[s.seq] = None
@@ -625,6 +705,9 @@ class BatchedLlamaEngine:
             return self._advance(s, self._row(i0 + n - 1))
         if kind == _GEN:
             s.n_past += n
+            s.feed = s.feed[n:]
+            if s.feed:
+                return None
             return self._advance(s, self._row(i0 + n - 1))
         # A candidate literal: its tokens after the first, from the rows of the ones before.
         t0 = time.perf_counter()
@@ -742,4 +825,3 @@ class BatchedLlamaEngine:
             llama_cpp.llama_sampler_free(sampler)
         self._grammars.clear()
         self._stack.close()
-        self.chat.llm.close()

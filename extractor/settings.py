@@ -37,6 +37,7 @@ class Settings:
     reasoning: str
     examples: str
     k: int | None
+    max_output_tokens: int | None
     fallback: str
     vote_k: int
     blend: float
@@ -88,6 +89,7 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ),
     ("--examples", "DRAGON_EXAMPLES", "auto", "auto (as the Taskfile says) | none | retrieved | fixed"),
     ("--k", "DRAGON_K", None, "number of solved examples (default: the Taskfile's)"),
+    ("--max-output-tokens", "DRAGON_MAX_OUTPUT_TOKENS", None, "cap on every Taskfile's output budget (tokens)"),
     ("--fallback", "DRAGON_FALLBACK", "knn", "answer for failed cases: knn (nearest-neighbour vote) | prior"),
     ("--vote-k", "DRAGON_VOTE_K", "8", "neighbours in the nearest-neighbour vote"),
     ("--blend", "DRAGON_BLEND", "0", "weight of the neighbour vote mixed into model scores (0: model alone)"),
@@ -190,6 +192,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         reasoning=args.reasoning,
         examples=args.examples,
         k=_int_or_none(args.k, "--k"),
+        max_output_tokens=_int_or_none(args.max_output_tokens, "--max-output-tokens"),
         fallback=args.fallback,
         vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
         blend=blend,

@@ -112,8 +112,11 @@ def test_oracle_scores_one_on_every_dutch_task(tmp_path: Path, capsys) -> None:
 @needs_model
 @pytest.mark.model
 def test_default_model_scores_every_dutch_task_with_dragon_eval(tmp_path: Path, capsys) -> None:
-    """All 28 tasks through the real model (both test cases: AUROC needs both classes)."""
-    code, out = run_eval(capsys, tmp_path)
+    """All 28 tasks through the real model (both test cases: AUROC needs both classes).
+
+    Reasoning off and a capped output budget keep the 56 reports within CI's time; the point is
+    that every task runs end to end and scores, not the small model's accuracy."""
+    code, out = run_eval(capsys, tmp_path, "--reasoning", "off", "--max-output-tokens", "192", "--k", "1")
     assert code == 0, out
     rows = table_rows(out)
     assert sorted(t[:7] for t in rows) == TASK_NAMES, out

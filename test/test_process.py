@@ -77,6 +77,7 @@ def test_default_model_on_every_task_type_scores_with_dragon_eval(tmp_path: Path
     """All eight task types through the real model; dragon-eval must score every job."""
     code = evaluate.main(
         ["--jobs", str(JOBS), "--ground-truth", str(GROUND_TRUTH), "--out", str(tmp_path), "--max-cases", "2"]
+        + ["--max-output-tokens", "256"]
     )
     out = capsys.readouterr().out
     assert code == 0, out

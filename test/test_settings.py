@@ -52,3 +52,15 @@ def test_defaults_are_the_platform_paths(monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.delenv(var, raising=False)
     s = parse_settings([])
     assert s.input == Path("/input") and s.output == Path("/output")
+
+
+def test_readme_documents_every_flag() -> None:
+    from conftest import REPO
+
+    from extractor.settings import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    for action in build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}" in readme, f"{flag} is not in the README's configuration table"

@@ -212,13 +212,14 @@ def test_same_job_twice_gives_byte_identical_predictions(tmp_path: Path) -> None
 @needs_model
 def test_sigterm_halfway_leaves_complete_predictions_and_a_rerun_resumes(tmp_path: Path) -> None:
     job = tmp_path / "job"
-    shutil.copytree(JOBS / "Task106_Example_sl_reg-fold0", job)
+    shutil.copytree(JOBS / "Task101_Example_sl_bin_clf-fold0", job)
     test = orjson.loads((job / "nlp-test-dataset.json").read_bytes())
     (job / "nlp-test-dataset.json").write_bytes(orjson.dumps(test * 1 + [{**r, "uid": r["uid"] + "b"} for r in test]))
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, "process.py", "--input", str(job), "--output", str(out), "--work-dir", str(work)]
-    cmd += ["--summary", str(tmp_path / "s1.json")]
-    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    cmd += ["--threads", "1", "--summary", str(tmp_path / "s1.json")]
+    log_file = open(tmp_path / "run1.log", "w")  # noqa: SIM115 - a file, so a full pipe cannot block the job
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=log_file)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         journals = list(work.glob("*.jsonl"))
@@ -229,8 +230,9 @@ def test_sigterm_halfway_leaves_complete_predictions_and_a_rerun_resumes(tmp_pat
         proc.kill()
         pytest.fail("no answers in the journal within 300 s")
     os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == process.EXIT_INTERRUPTED, err[-2000:]
+    proc.wait(timeout=120)
+    log_file.close()
+    assert proc.returncode == process.EXIT_INTERRUPTED, (tmp_path / "run1.log").read_text()[-2000:]
     records = orjson.loads((out / PRED).read_bytes())
     verify_predictions(records, load_job(job))
     first = orjson.loads((tmp_path / "s1.json").read_bytes())

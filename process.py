@@ -22,6 +22,7 @@ from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
 from extractor.dragon_io import Job, JobError, PredictionError
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
+from extractor.gc_io import SocketError
 from extractor.generation import CaseAnswer, StopRequested, TimeBudget, answer_cases
 from extractor.journal import Journal, journal_key
 from extractor.metrics import task_score
@@ -362,16 +363,25 @@ def predictions(
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    settings = parse_settings(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    adapter: Adapter | None = None,
+    backend: str = "llama",
+    ground_truth: Path | None = None,
+    settings: Settings | None = None,
+) -> int:
+    """Run one job from the command line; exit code 0 written, 1 bad input, 2 failed verification,
+    3 interrupted (complete predictions written). Other challenges pass their adapter."""
+    settings = settings or parse_settings(argv)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     started = time.monotonic()
     previous = install_signal_handlers()
     try:
-        summary = run_job(settings, started=started)
-    except (JobError, TaskfileError, ModelNotFound, EngineError) as err:
+        summary = run_job(settings, backend=backend, ground_truth=ground_truth, started=started, adapter=adapter)
+    except (JobError, SocketError, TaskfileError, ModelNotFound, EngineError) as err:
         log.error("%s", err)
         return 1
     except PredictionError as err:

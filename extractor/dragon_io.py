@@ -296,13 +296,18 @@ def _check_prediction(value: Any, ttype: TaskType, case: Case, label_length: int
 
 def write_predictions(records: list[dict[str, Any]], output_dir: Path) -> Path:
     """Write the predictions file complete or not at all (temp file in place, then rename)."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / PREDICTIONS_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".predictions-", suffix=".tmp", dir=output_dir)
+    target = Path(output_dir) / PREDICTIONS_FILE
+    atomic_write(target, orjson.dumps(records, option=orjson.OPT_INDENT_2))
+    return target
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Write a file complete or not at all: a temp file beside it, fsync, then rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(orjson.dumps(records, option=orjson.OPT_INDENT_2))
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
@@ -310,4 +315,3 @@ def write_predictions(records: list[dict[str, Any]], output_dir: Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target

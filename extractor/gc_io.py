@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from extractor.dragon_io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -343,21 +344,6 @@ def output_path(output_dir: Path, socket: Socket) -> Path:
     return Path(output_dir) / socket.relative_path
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(output_dir: Path, socket: Socket, value: Any) -> Path:
     """Write a JSON value to the socket's path, complete or not at all (temp file, then rename)."""
     if socket.is_image:
@@ -367,14 +353,14 @@ def write_json(output_dir: Path, socket: Socket, value: Any) -> Path:
     except TypeError as err:
         raise SocketError(f"socket {socket.slug!r}: value is not JSON-serialisable: {err}") from None
     target = output_path(output_dir, socket)
-    _atomic_write(target, data)
+    atomic_write(target, data)
     return target
 
 
 def write_text(output_dir: Path, socket: Socket, text: str) -> Path:
     """Write a plain-text file socket (atomic)."""
     target = output_path(output_dir, socket)
-    _atomic_write(target, text.encode("utf-8"))
+    atomic_write(target, text.encode("utf-8"))
     return target
 
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,12 +27,8 @@ if str(REPO) not in sys.path:
 import process  # noqa: E402
 from extractor.adapters.base import Adapter  # noqa: E402
 from extractor.adapters.report_image import ReportImageAdapter  # noqa: E402
-from extractor.dragon_io import JobError, PredictionError  # noqa: E402
-from extractor.engine import EngineError  # noqa: E402
-from extractor.gc_io import SocketError  # noqa: E402
-from extractor.settings import ModelNotFound, Settings, parse_settings  # noqa: E402
+from extractor.settings import Settings, parse_settings  # noqa: E402
 from extractor.summary import RunSummary  # noqa: E402
-from extractor.taskfiles import TaskfileError  # noqa: E402
 
 log = logging.getLogger("report_image")
 
@@ -66,30 +60,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
 
 def main(argv: list[str] | None = None) -> int:
     args, settings = parse_args(argv)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    return process.main(
+        settings=settings, adapter=ReportImageAdapter(), backend=args.backend, ground_truth=args.ground_truth
     )
-    started = time.monotonic()
-    previous = process.install_signal_handlers()
-    try:
-        summary = run_adapter(
-            ReportImageAdapter(), settings, backend=args.backend, ground_truth=args.ground_truth, started=started
-        )
-    except (JobError, SocketError, TaskfileError, ModelNotFound, EngineError) as err:
-        log.error("%s", err)
-        return 1
-    except PredictionError as err:
-        log.error("nothing written: %s", err)
-        return 2
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    for line in summary.log_lines():
-        log.info("summary: %s", line)
-    if settings.summary:
-        settings.summary.parent.mkdir(parents=True, exist_ok=True)
-        settings.summary.write_bytes(summary.to_json())
-    return process.EXIT_INTERRUPTED if summary.interrupted else 0
 
 
 if __name__ == "__main__":

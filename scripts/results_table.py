@@ -16,7 +16,7 @@ import orjson
 def main(argv: list[str]) -> None:
     runs = [
         (name, orjson.loads((Path(path) / "metrics.json").read_bytes()))
-        for name, path in (a.split("=", 1) for a in argv)
+        for name, path in (a.rsplit("=", 1) for a in argv)
     ]
     tasks = sorted({job["job"].rsplit("-fold", 1)[0] for _, m in runs for job in m["jobs"]})
     print("| task | " + " | ".join(name for name, _ in runs) + " |")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from extractor.adapters import Adapter, DragonAdapter
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
+from extractor.batch_engine import BatchedLlamaEngine
 from extractor.dragon_io import Job, JobError, PredictionError
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
@@ -143,19 +144,31 @@ def open_backend(
     summary.model, summary.model_sha256 = model_path.name, file_sha256(model_path)
     log.info("model %s (sha256 %s)", model_path, summary.model_sha256[:12])
 
-    started: list[LlamaEngine] = []
+    started: list[LlamaEngine | BatchedLlamaEngine] = []
 
     def start(n_ctx: int) -> Backend:
         """Load the model (once per job); when the context cannot be allocated (GPU memory), try half as large."""
         if started and started[0].n_ctx >= n_ctx and not started[0].closed:
             return started[0]
+        if started:
+            started.pop().close()  # too small a context: free its memory before the larger one
         seed = settings.seed if settings.seed is not None else job.config.jobid
         while True:
             options = EngineOptions(
-                n_ctx=n_ctx, n_threads=settings.threads, gpu=settings.gpu, allow_cpu=settings.allow_cpu, seed=seed
+                n_ctx=n_ctx,
+                n_threads=settings.threads,
+                gpu=settings.gpu,
+                allow_cpu=settings.allow_cpu,
+                seed=seed,
+                n_seq=settings.parallel,
             )
             try:
-                engine = LlamaEngine(model_path, options)
+                # --parallel 1 keeps the one-report-at-a-time engine; otherwise N reports share each step.
+                engine = (
+                    LlamaEngine(model_path, options)
+                    if settings.parallel == 1
+                    else BatchedLlamaEngine(model_path, options)
+                )
                 break
             except EngineError as err:
                 if n_ctx // 2 < MIN_CONTEXT or "context" not in str(err):
@@ -308,7 +321,11 @@ def generate(
     with tqdm(total=len(job.test), unit="report", file=sys.stderr, mininterval=0.5 if interactive else 30) as bar:
         bar.update(sum(1 for c in job.test if c.is_blank or c.uid in done))
         try:
-            answers, stats = answer_cases(job.test, builder, backend, on_result=finished, budget=budget, done=done)
+            # Chunks of several times N keep the batched engine's sequences busy between the refills.
+            chunk = max(32, 4 * getattr(backend, "n_seq", 1))
+            answers, stats = answer_cases(
+                job.test, builder, backend, on_result=finished, budget=budget, done=done, chunk_size=chunk
+            )
         finally:
             if journal:
                 journal.close()

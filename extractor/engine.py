@@ -1,10 +1,11 @@
 """The llama.cpp backend: model loading, grammar-constrained greedy decoding, label likelihoods.
 
 Decoding is greedy under a JSON grammar built from the answer schema. The grammar is checked
-against the greedy token first and applied to the whole vocabulary only when that token is
-rejected (most steps never pay the full scan). Where a scored field's value starts, the engine
-reads the log-likelihood of every allowed literal (multi-token literals as summed
-log-probabilities) and writes the most likely one, so the answer and its scores agree.
+against the greedy token first, then the top tokens, and applied to the whole vocabulary only
+when none of those is allowed (`GrammarSampler`, shared with the batched engine). Where a
+scored field's value starts, the engine reads the log-likelihood of every allowed literal
+(multi-token literals as summed log-probabilities) and writes the most likely one, so the answer
+and its scores agree.
 The longest common token prefix with the previous prompt stays in the KV cache, so the fixed
 instructions are evaluated once per job.
 """
@@ -97,6 +98,108 @@ def available_cores() -> int:
         return max(len(os.sched_getaffinity(0)), 1)
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+TOP_K_TIERS = (64, 2048)  # tokens checked against the grammar when the greedy one is rejected
+
+
+class GrammarSampler:
+    """Greedy choice under a JSON-schema grammar, as both engines make it.
+
+    Applying a grammar to the whole vocabulary costs about as much as a decode step, so the greedy
+    token is checked alone first, then the top 64 and the top 2,048 tokens, and the vocabulary only
+    when none of those is allowed: the chosen token is always the one a full scan would choose.
+    Compiled grammars are kept per schema; token pieces are cached.
+    """
+
+    def __init__(self, vocab: Any, n_vocab: int, stats: EngineStats) -> None:
+        self.vocab, self.n_vocab, self.stats = vocab, n_vocab, stats
+        self._grammars: dict[bytes, Any] = {}
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._one = (llama_cpp.llama_token_data * 1)()
+        self._one_arr = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self._full = np.zeros(n_vocab, dtype=dtype)
+        self._full_arr = llama_cpp.llama_token_data_array(
+            data=self._full.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
+        )
+        self._ids = np.arange(n_vocab, dtype=np.intc)
+
+    def compiled(self, schema: Mapping[str, Any]) -> Any:
+        """The schema's grammar sampler (built once; a bad schema is an EngineError)."""
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        sampler = self._grammars.get(key)
+        if sampler is None:
+            gbnf = schema_to_grammar(schema)
+            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
+            if not sampler:
+                raise EngineError(f"llama.cpp rejected the grammar built from the answer schema:\n{gbnf[:2000]}")
+            self._grammars[key] = sampler
+        return sampler
+
+    def allowed(self, grammar: Any, token: int) -> bool:
+        self._one[0].id = token
+        self._one[0].logit = 0.0
+        self._one[0].p = 0.0
+        self._one_arr.size = 1
+        self._one_arr.selected = -1
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_arr))
+        return math.isfinite(self._one[0].logit)
+
+    def _best_allowed(self, grammar: Any, ids: np.ndarray, logits: np.ndarray) -> int | None:
+        """The highest-logit token of `ids` (ascending) the grammar allows (lowest id on ties), else None."""
+        n = len(ids)
+        view = self._full[:n]
+        view["id"] = ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        self._full_arr.size = n
+        self._full_arr.selected = -1
+        self._full_arr.sorted = False
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._full_arr))
+        kept = self._full["logit"][: self._full_arr.size]
+        best = int(np.argmax(kept))
+        if not math.isfinite(float(kept[best])):
+            return None
+        return int(self._full["id"][best])
+
+    def pick(self, grammar: Any, logits: np.ndarray) -> int:
+        """The greedy token the grammar allows."""
+        t0 = time.perf_counter()
+        token = int(np.argmax(logits))
+        if self.allowed(grammar, token):
+            self.stats.greedy_accepted += 1
+        else:
+            choice = None
+            for k in TOP_K_TIERS:
+                top = np.argpartition(logits, -k)[-k:]
+                ids = np.nonzero(logits >= logits[top].min())[0].astype(np.intc)  # ascending, ties included
+                choice = self._best_allowed(grammar, ids, logits[ids])
+                self.stats.extra["topk_grammar_applies"] = self.stats.extra.get("topk_grammar_applies", 0) + 1
+                if choice is not None:
+                    break
+            if choice is None:
+                self.stats.full_grammar_applies += 1
+                choice = self._best_allowed(grammar, self._ids, logits)
+                if choice is None:
+                    raise RuntimeError("the grammar allows no token")
+            token = choice
+        self.stats.sampling_s += time.perf_counter() - t0
+        return token
+
+    def piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+            piece = bytes(self._piece_buf[: max(n, 0)])
+            self._pieces[token] = piece
+        return piece
+
+    def close(self) -> None:
+        for sampler in self._grammars.values():
+            llama_cpp.llama_sampler_free(sampler)
+        self._grammars.clear()
 
 
 class LlamaChat:
@@ -212,22 +315,7 @@ class LlamaEngine:
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.llm.n_vocab()
         self.stats = EngineStats()
-        self._grammars: dict[bytes, Any] = {}
-        self._pieces: dict[int, bytes] = {}
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._one_arr = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
-        self._full = np.zeros(
-            self.n_vocab,
-            dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True),
-        )
-        self._full_arr = llama_cpp.llama_token_data_array(
-            data=self._full.ctypes.data_as(llama_cpp.llama_token_data_p),
-            size=self.n_vocab,
-            selected=-1,
-            sorted=False,
-        )
-        self._ids = np.arange(self.n_vocab, dtype=np.intc)
-        self._piece_buf = ctypes.create_string_buffer(256)
+        self.sampler = GrammarSampler(self.vocab, self.n_vocab, self.stats)
         log.info(
             "loaded %s in %.1fs (context %d, %d threads)",
             Path(model_path).name,
@@ -243,44 +331,9 @@ class LlamaEngine:
         self._grammar(schema)
 
     def _grammar(self, schema: Mapping[str, Any]) -> Any:
-        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-        sampler = self._grammars.get(key)
-        if sampler is None:
-            gbnf = schema_to_grammar(schema)
-            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
-            if not sampler:
-                raise EngineError(f"llama.cpp rejected the grammar built from the answer schema:\n{gbnf[:2000]}")
-            self._grammars[key] = sampler
+        sampler = self.sampler.compiled(schema)
         llama_cpp.llama_sampler_reset(sampler)
         return sampler
-
-    def _allowed(self, grammar: Any, token: int) -> bool:
-        self._one[0].id = token
-        self._one[0].logit = 0.0
-        self._one[0].p = 0.0
-        self._one_arr.size = 1
-        self._one_arr.selected = -1
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_arr))
-        return math.isfinite(self._one[0].logit)
-
-    def _pick(self, grammar: Any, logits: np.ndarray) -> int:
-        """Greedy token under the grammar: check the argmax alone, scan the vocabulary only if rejected."""
-        t0 = time.perf_counter()
-        token = int(np.argmax(logits))
-        if self._allowed(grammar, token):
-            self.stats.greedy_accepted += 1
-        else:
-            self.stats.full_grammar_applies += 1
-            self._full["id"] = self._ids
-            self._full["logit"] = logits
-            self._full["p"] = 0.0
-            self._full_arr.size = self.n_vocab
-            self._full_arr.selected = -1
-            self._full_arr.sorted = False
-            llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._full_arr))
-            token = int(self._full["id"][int(np.argmax(self._full["logit"][: self._full_arr.size]))])
-        self.stats.sampling_s += time.perf_counter() - t0
-        return token
 
     # -- model evaluation ----------------------------------------------------------------------
 
@@ -309,14 +362,6 @@ class LlamaEngine:
         self.llm.eval(tokens)
         self.stats.decode_s += time.perf_counter() - t0
         return self._logits()
-
-    def _piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            piece = bytes(self._piece_buf[: max(n, 0)])
-            self._pieces[token] = piece
-        return piece
 
     def _continuation_logprob(self, logits: np.ndarray, tokens: list[int]) -> float:
         """Summed log-probability of `tokens` following the current position (cache left as found)."""
@@ -350,13 +395,7 @@ class LlamaEngine:
         tokens = self.chat.tokenize(req.prompt)
         budget = min(req.max_tokens, self.llm.n_ctx() - len(tokens) - 1)
         if budget <= 0:
-            return Result(
-                uid=req.uid,
-                text="",
-                prompt_tokens=len(tokens),
-                finished=False,
-                error="prompt does not fit the context",
-            )
+            return no_room(req.uid, len(tokens))
         grammar = self._grammar(req.schema) if req.schema else None  # no schema: free text
         self._prefill(tokens)
         logits = self._logits()
@@ -382,18 +421,18 @@ class LlamaEngine:
                     forced = forced[: budget - len(out)]
                     for tok in forced:
                         llama_cpp.llama_sampler_accept(grammar, tok)
-                        text += self._piece(tok)
+                        text += self.sampler.piece(tok)
                     out += forced
                     logits = self._step(forced)
                     continue
-            token = self._pick(grammar, logits) if grammar is not None else int(np.argmax(logits))
+            token = self.sampler.pick(grammar, logits) if grammar is not None else int(np.argmax(logits))
             if llama_cpp.llama_vocab_is_eog(self.vocab, token):
                 finished = True
                 break
             if grammar is not None:
                 llama_cpp.llama_sampler_accept(grammar, token)
             out.append(token)
-            text += self._piece(token)
+            text += self.sampler.piece(token)
             logits = self._step([token])
         self.stats.output_tokens += len(out)
         self.stats.missed_decision_points += len(scored)
@@ -440,7 +479,7 @@ class LlamaEngine:
         probe = self._grammar_copy(grammar)
         try:
             for tok in forced:
-                if not self._allowed(probe, tok):
+                if not self.sampler.allowed(probe, tok):
                     return []
                 llama_cpp.llama_sampler_accept(probe, tok)
         finally:
@@ -451,11 +490,16 @@ class LlamaEngine:
         return llama_cpp.llama_sampler_clone(grammar)
 
     def close(self) -> None:
-        for sampler in self._grammars.values():
-            llama_cpp.llama_sampler_free(sampler)
-        self._grammars.clear()
+        self.sampler.close()
         self.llm.close()
         self.closed = True
+
+
+def no_room(uid: str, prompt_tokens: int) -> Result:
+    """The result for a prompt that leaves no room to answer in the context."""
+    return Result(
+        uid=uid, text="", prompt_tokens=prompt_tokens, finished=False, error="prompt does not fit the context"
+    )
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -263,7 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = EvalReport(rows=rows, metrics=score(rows, pred_root, args.ground_truth, work))
     report.metrics["overall"] = report.overall
     report.metrics["jobs"] = [
-        {"job": job_name(r), "score": r.score, "seconds": round(r.seconds, 2), "failures": r.failures, "error": r.error}
+        {
+            "job": job_name(r),
+            "score": r.score,
+            "seconds": round(r.seconds, 2),
+            "cases": r.cases,
+            "failures": r.failures,
+            "error": r.error,
+        }
         for r in rows
     ]
     table = render_table(report)

@@ -178,7 +178,15 @@ def _answer_chunk(
         plan = plan[:1]
     by_uid = {c.uid: c for c in chunk}
     pending = list(chunk)
+    engine_failed: set[str] = set()
+    given_up: list[Case] = []
+    previous: Attempt | None = None
     for number, attempt in enumerate(plan, start=1):
+        if attempt == previous:
+            # Greedy decoding repeats itself: the same request again only helps after an engine error.
+            given_up += [c for c in pending if c.uid not in engine_failed]
+            pending = [c for c in pending if c.uid in engine_failed]
+        previous = attempt
         if not pending:
             break
         if number > 1:
@@ -204,6 +212,7 @@ def _answer_chunk(
                 stats.truncated += p.truncated
                 stats.examples += p.examples
         failed: list[Case] = []
+        engine_failed.clear()
         for result in _generate(backend, requests):
             case = by_uid[result.uid]
             entry = answers.setdefault(result.uid, CaseAnswer(uid=result.uid))
@@ -214,6 +223,7 @@ def _answer_chunk(
             stats.output_tokens += result.output_tokens
             try:
                 if result.error:
+                    engine_failed.add(result.uid)
                     raise AnswerError(result.error)
                 if not result.finished:
                     raise AnswerError(f"token budget exhausted after {result.output_tokens} tokens")
@@ -229,7 +239,7 @@ def _answer_chunk(
                 log.debug("uid %s attempt %d failed: %s", result.uid, number, err)
                 failed.append(case)
         pending = failed
-    for case in pending:
+    for case in given_up + pending:
         stats.failures += 1
         if on_result:
             on_result(answers[case.uid])

@@ -32,6 +32,7 @@ class Settings:
     max_cases: int | None
     n_ctx: int | None
     threads: int
+    parallel: int
     gpu: str
     allow_cpu: bool
     reasoning: str
@@ -80,6 +81,12 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "upper bound on the context size (default: sized per job)",
     ),
     ("--threads", "DRAGON_THREADS", "0", "CPU threads (0: all cores)"),
+    (
+        "--parallel",
+        "DRAGON_PARALLEL",
+        "0",
+        "reports decoded together (0: 8 on a CPU, 16 on a GPU, fewer if memory is short; 1: one at a time)",
+    ),
     ("--gpu", "DRAGON_GPU", "auto", "auto | on | off: offload layers to the GPU"),
     (
         "--reasoning",
@@ -173,6 +180,9 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         raise SystemExit(f"--examples: expected auto, none, retrieved or fixed, got {args.examples!r}")
     if args.fallback not in ("knn", "prior"):
         raise SystemExit(f"--fallback: expected knn or prior, got {args.fallback!r}")
+    parallel = _int_or_none(args.parallel, "--parallel") or 0
+    if parallel < 0:
+        raise SystemExit(f"--parallel: expected 0 (automatic) or a positive number, got {args.parallel!r}")
     try:
         blend = float(args.blend)
     except ValueError:
@@ -187,6 +197,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         max_cases=_int_or_none(args.max_cases, "--max-cases"),
         n_ctx=_int_or_none(args.n_ctx, "--n-ctx"),
         threads=_int_or_none(args.threads, "--threads") or 0,
+        parallel=parallel,
         gpu=args.gpu,
         allow_cpu=bool(args.allow_cpu),
         reasoning=args.reasoning,

@@ -115,8 +115,13 @@ def test_default_model_scores_every_dutch_task_with_dragon_eval(tmp_path: Path, 
     """All 28 tasks through the real model (both test cases: AUROC needs both classes).
 
     Reasoning off and a capped output budget keep the 56 reports within CI's time; the point is
-    that every task runs end to end and scores, not the small model's accuracy."""
-    code, out = run_eval(capsys, tmp_path, "--reasoning", "off", "--max-output-tokens", "192", "--k", "1")
+    that every task runs end to end and scores, not the small model's accuracy. Its own work dir, so
+    no checkpoint journal of an earlier run (default <temp dir>/dragon-extractor) answers for the model."""
+    code, out = run_eval(
+        capsys,
+        tmp_path,
+        *("--reasoning", "off", "--max-output-tokens", "192", "--k", "1", "--work-dir", str(tmp_path / "work")),
+    )
     assert code == 0, out
     rows = table_rows(out)
     assert sorted(t[:7] for t in rows) == TASK_NAMES, out

@@ -89,3 +89,39 @@ def test_a_crashing_backend_fails_cases_not_the_job() -> None:
     builder = PromptBuilder(TF, PlainTokenizer(), truncation_side="left", context_limit=100_000)
     answers, stats = answer_cases([Case("a", text="x"), Case("b", text="y")], builder, Crashing())
     assert answers["a"].ok and not answers["b"].ok and stats.failures == 1
+
+
+class ScriptedWithErrors(Scripted):
+    """As Scripted, but a text of None is an engine error result."""
+
+    def generate(self, requests: Sequence[Request]) -> Iterator[Result]:
+        for req in requests:
+            self.seen.append(req)
+            text, finished = self.script[req.uid][req.attempt - 1]
+            if text is None:
+                yield Result(uid=req.uid, text="", error="engine error: a batch failed")
+            else:
+                yield Result(uid=req.uid, text=text, finished=finished, output_tokens=len(text))
+
+
+def test_an_identical_retry_is_only_made_after_an_engine_error() -> None:
+    """Without reasoning, attempts 2 and 3 would send the same request; greedy decoding would give
+    the same failure again, so only a case the engine failed (not the model) gets the third try."""
+    tf = TF.model_copy(update={"reasoning": TF.reasoning.model_copy(update={"enabled": False})})
+    builder = PromptBuilder(tf, PlainTokenizer(), truncation_side="left", context_limit=100_000)
+    script = {
+        "looping": [('{"size": 1', False), ('{"size": 11', False), ('{"size": 3}', True)],
+        "crashed": [('{"size": 1', False), (None, True), ('{"size": 4}', True)],
+    }
+    backend = ScriptedWithErrors(script)
+    answers, stats = answer_cases([Case("looping", text="x"), Case("crashed", text="y")], builder, backend)
+    assert [(r.uid, r.attempt, r.max_tokens) for r in backend.seen] == [
+        ("looping", 1, 40),
+        ("crashed", 1, 40),
+        ("looping", 2, 80),
+        ("crashed", 2, 80),
+        ("crashed", 3, 80),
+    ]
+    assert not answers["looping"].ok and answers["looping"].attempts == 2
+    assert answers["crashed"].answer == {"size": 4.0}
+    assert stats.failures == 1 and stats.retries == 3

@@ -104,3 +104,21 @@ def test_examples_strategy_is_chosen_on_validation(tmp_path: Path) -> None:
     choice = orjson.loads(summary.read_bytes())["choice"]
     assert set(choice["scores"]) == {"none", "fixed", "retrieved"} and choice["validation_cases"] == 3
     assert choice["scores"][choice["chosen"]] == max(choice["scores"].values())  # ties keep the Taskfile's
+
+
+@needs_model
+def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Path) -> None:
+    """Same predictions whether reports are decoded together (the default) or one by one
+    (--parallel 1); six reports through three sequences exercise the refill, reasoning the free text."""
+    job = JOBS / "Task102_Example_sl_mc_clf-fold0"
+    runs = {}
+    for name, parallel in (("batched", "3"), ("single", "1")):
+        summary = tmp_path / f"{name}.json"
+        args = ["--input", str(job), "--output", str(tmp_path / name), "--max-cases", "6", "--no-journal"]
+        args += ["--parallel", parallel, "--summary", str(summary), "--max-output-tokens", "96"]
+        assert process.main(args) == 0
+        runs[name] = ((tmp_path / name / PRED).read_bytes(), orjson.loads(summary.read_bytes()))
+    assert runs["batched"][0] == runs["single"][0]
+    assert runs["batched"][1]["engine"]["extra"]["n_seq"] == 3
+    assert "n_seq" not in runs["single"][1]["engine"]["extra"]
+    assert runs["batched"][1]["output_tokens"] == runs["single"][1]["output_tokens"] > 0

@@ -64,3 +64,13 @@ def test_readme_documents_every_flag() -> None:
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}" in readme, f"{flag} is not in the README's configuration table"
+
+
+def test_parallel_sequences_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DRAGON_PARALLEL", raising=False)
+    assert parse_settings([]).parallel == 0  # automatic: the batched engine picks N
+    assert parse_settings(["--parallel", "1"]).parallel == 1
+    monkeypatch.setenv("DRAGON_PARALLEL", "4")
+    assert parse_settings([]).parallel == 4
+    with pytest.raises(SystemExit, match="--parallel"):
+        parse_settings(["--parallel", "-2"])

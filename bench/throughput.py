@@ -1,0 +1,345 @@
+"""Throughput: the naive high-level loop against the batched engine at N = 1, 4, 8, 16.
+
+    python bench/throughput.py --job DIR [--model PATH] [--max-cases N] [--settings naive,1,4,8,16]
+
+The job's requests are built as process.py builds them (load_job, the Taskfile for the job, the
+model's tokenizer and chat template, PromptBuilder; context sized as process.py sizes it). Then,
+each setting in its own subprocess so peak memory (ru_maxrss) is its own:
+
+* `naive`: what a user of the high-level API writes: one `Llama`, and per report one
+  `create_chat_completion(messages, grammar=<from the same schema>, temperature=0, max_tokens)`
+  in a loop (its automatic reuse of the shared prompt prefix left on). Same threads as the engine.
+  Time split measured by wrapping `Llama.eval` (several tokens: prefill, one: decode) and
+  `Llama.sample` (sampling, grammar included).
+* `N`: `BatchedLlamaEngine` with N parallel sequences and its CPU plan (the same logits as
+  LlamaEngine, so `same answer` against N=1 should read 100%); `Nm`: its GPU plan (one llama_decode
+  per step), for comparison.
+  Time split from the engine's stats: prefill, decode, scoring (evaluating candidate labels),
+  sampling (grammar checks); other = Python bookkeeping.
+
+Rates count every report from the first request to the last result, model loading excluded.
+The table ends with `speedup <x>`: the best engine setting's reports/s over the naive loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONTEXT_STEP = 256
+
+
+def build_requests(job_dir: Path, model: Path, max_cases: int | None, reasoning_setting: str) -> tuple[list[Any], int]:
+    """The job's first-attempt requests as process.py builds them, and the per-sequence context."""
+    from extractor.dragon_io import load_job
+    from extractor.engine import LlamaChat
+    from extractor.prompts import PromptBuilder
+    from extractor.taskfiles import Reasoning, load_taskfiles, taskfile_for_job
+
+    job = load_job(job_dir)
+    tf = taskfile_for_job(job.config, job.train, load_taskfiles(REPO / "taskfiles"))
+    if reasoning_setting != "auto":  # as process.py's --reasoning does
+        tf = tf.model_copy(
+            update={"reasoning": Reasoning(enabled=reasoning_setting == "on", max_chars=tf.reasoning.max_chars)}
+        )
+    chat = LlamaChat.open(model)
+    builder = PromptBuilder(
+        tf,
+        chat,
+        truncation_side=job.config.recommended_truncation_side,
+        context_limit=chat.context_limit,
+    )
+    cases = [c for c in job.test if not c.is_blank]
+    if max_cases is not None:
+        cases = cases[:max_cases]
+    reasoning = tf.reasoning.enabled
+    # Context as process.py sizes it: the longest prompt plus a retry's doubled output budget.
+    longest = max(
+        (builder.build(c, reasoning=reasoning, max_tokens=tf.max_output_tokens).request.prompt_tokens for c in cases),
+        default=0,
+    )
+    wanted = -(-(longest + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
+    n_ctx = min(wanted, builder.context_limit)
+    builder.context_limit = n_ctx
+    requests = [builder.build(c, reasoning=reasoning, max_tokens=tf.max_output_tokens).request for c in cases]
+    return requests, n_ctx
+
+
+def parse(text: str) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def run_naive(requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str) -> dict[str, Any]:
+    from llama_cpp import Llama, LlamaGrammar
+
+    from extractor.engine import EngineOptions, gpu_layers, schema_to_grammar
+
+    llm = Llama(
+        str(model),
+        n_gpu_layers=gpu_layers(EngineOptions(gpu=gpu, allow_cpu=True)),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    grammars: dict[str, Any] = {}
+    times = {"prefill_s": 0.0, "decode_s": 0.0, "sampling_s": 0.0}
+    counts = {"prompt_eval": 0}
+    eval_orig, sample_orig = llm.eval, llm.sample
+
+    def timed_eval(tokens: Any) -> None:
+        t0 = time.perf_counter()
+        eval_orig(tokens)
+        key = "prefill_s" if len(tokens) > 1 else "decode_s"
+        times[key] += time.perf_counter() - t0
+        if len(tokens) > 1:
+            counts["prompt_eval"] += len(tokens)
+
+    def timed_sample(*args: Any, **kwargs: Any) -> int:
+        t0 = time.perf_counter()
+        token = sample_orig(*args, **kwargs)
+        times["sampling_s"] += time.perf_counter() - t0
+        return token
+
+    llm.eval = timed_eval  # type: ignore[method-assign]
+    llm.sample = timed_sample  # type: ignore[method-assign]
+    answers: dict[str, Any] = {}
+    prompt_tokens = output_tokens = 0
+    start = time.perf_counter()
+    for req in requests:
+        gbnf = schema_to_grammar(req.schema)
+        grammar = grammars.get(gbnf)
+        if grammar is None:
+            grammar = grammars[gbnf] = LlamaGrammar.from_string(gbnf, verbose=False)
+        out = llm.create_chat_completion(
+            messages=[{"role": m.role, "content": m.content} for m in req.messages],
+            grammar=grammar,
+            temperature=0.0,
+            max_tokens=req.max_tokens,
+        )
+        prompt_tokens += out["usage"]["prompt_tokens"]
+        output_tokens += out["usage"]["completion_tokens"]
+        answers[req.uid] = {"answer": parse(out["choices"][0]["message"]["content"] or ""), "best": None}
+    elapsed = time.perf_counter() - start
+    llm.close()
+    return {
+        "elapsed_s": elapsed,
+        "reports": len(requests),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_evaluated": counts["prompt_eval"],
+        "output_tokens": output_tokens,
+        "scoring_s": 0.0,
+        **times,
+        "answers": answers,
+    }
+
+
+def run_llama(requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str) -> dict[str, Any]:
+    """LlamaEngine, one report at a time: the reference the batched engine's answers are compared to."""
+    from extractor.engine import EngineOptions, LlamaEngine
+
+    engine = LlamaEngine(model, EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True))
+    return _drive(engine, requests)
+
+
+def run_engine(
+    requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str, n_seq: int, exact: bool
+) -> dict[str, Any]:
+    from extractor.batch_engine import BatchedLlamaEngine
+    from extractor.engine import EngineOptions
+
+    options = EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True, n_seq=n_seq)
+    engine = BatchedLlamaEngine(model, options, exact=exact)
+    return _drive(engine, requests)
+
+
+def _drive(engine: Any, requests: list[Any]) -> dict[str, Any]:
+    engine.check_schema(requests[0].schema)
+    answers: dict[str, Any] = {}
+    prompt_tokens = output_tokens = 0
+    start = time.perf_counter()
+    for result in engine.generate(requests):
+        prompt_tokens += result.prompt_tokens
+        output_tokens += result.output_tokens
+        best = {name: max(lik, key=lik.get) for name, lik in result.likelihoods.items() if lik}
+        answers[result.uid] = {
+            "answer": parse(result.text) if result.finished else None,
+            "best": best,
+            "likelihoods": {k: dict(v) for k, v in result.likelihoods.items()},
+            "text": result.text,
+            "error": result.error,
+        }
+    elapsed = time.perf_counter() - start
+    st = engine.stats
+    engine.close()
+    return {
+        "elapsed_s": elapsed,
+        "reports": len(requests),
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_evaluated": st.prompt_tokens_evaluated,
+        "output_tokens": output_tokens,
+        "prefill_s": st.prefill_s,
+        "decode_s": st.decode_s,
+        "scoring_s": st.scoring_s,
+        "sampling_s": st.sampling_s,
+        "full_grammar_applies": st.full_grammar_applies,
+        "greedy_accepted": st.greedy_accepted,
+        "extra": st.extra,
+        "answers": answers,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    requests, n_ctx = build_requests(args.job, args.model, args.max_cases, args.reasoning)
+    if args.worker == "naive":
+        out = run_naive(requests, args.model, n_ctx, args.threads, args.gpu)
+    elif args.worker == "llama":
+        out = run_llama(requests, args.model, n_ctx, args.threads, args.gpu)
+    else:
+        mixed = args.worker.endswith("m")
+        n_seq = int(args.worker.rstrip("m"))
+        out = run_engine(requests, args.model, n_ctx, args.threads, args.gpu, n_seq, not mixed)
+    out["n_ctx"] = n_ctx
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def agreement(ref: dict[str, Any], other: dict[str, Any]) -> tuple[float, float, float, float]:
+    """Shares of reports with the same text, the same parsed answer and the same most likely label
+    per field, and the largest likelihood difference."""
+    same_text = same_answer = same_best = n = 0
+    worst = 0.0
+    for uid, a in ref["answers"].items():
+        b = other["answers"].get(uid)
+        if b is None:
+            continue
+        n += 1
+        same_text += a.get("text") == b.get("text")
+        same_answer += a["answer"] == b["answer"]
+        same_best += a.get("best") == b.get("best")
+        for name, lik in (a.get("likelihoods") or {}).items():
+            for literal, value in lik.items():
+                other_value = (b.get("likelihoods") or {}).get(name, {}).get(literal)
+                if other_value is not None:
+                    worst = max(worst, abs(value - other_value))
+    if not n:
+        return (float("nan"),) * 4
+    return same_text / n, same_answer / n, same_best / n, worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", type=Path, required=True, help="DRAGON job folder")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument(
+        "--settings",
+        default="naive,1,4,8,16",
+        help="comma list: naive, llama (LlamaEngine), N (batched engine, CPU plan), Nm (its one-call GPU plan)",
+    )
+    parser.add_argument(
+        "--gpu", default="off", choices=("auto", "on", "off"), help="offload to the GPU (as process.py)"
+    )
+    parser.add_argument("--reasoning", default="auto", choices=("auto", "on", "off"), help="as process.py's flag")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores this process may use)")
+    parser.add_argument("--json", type=Path, default=None, help="also write all measurements here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads <= 0:
+        from extractor.engine import available_cores
+
+        args.threads = available_cores()
+    if args.worker:
+        worker(args)
+        return 0
+
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    load_before = os.getloadavg()
+    print(
+        f"job {args.job.name}, model {args.model.name}, {args.max_cases or 'all'} cases, reasoning {args.reasoning}, "
+        f"{args.threads} threads, {os.cpu_count()} CPUs, GPU {args.gpu}, load average before {load_before[0]:.2f}",
+        flush=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for setting in settings:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", setting, "--job", str(args.job)]
+        cmd += ["--model", str(args.model), "--threads", str(args.threads), "--reasoning", args.reasoning]
+        cmd += ["--gpu", args.gpu]
+        if args.max_cases is not None:
+            cmd += ["--max-cases", str(args.max_cases)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"setting {setting} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[setting] = json.loads(line[len("RESULT ") :])
+        r = results[setting]
+        print(f"  {setting}: {r['reports'] / r['elapsed_s']:.3f} reports/s ({r['elapsed_s']:.1f} s)", flush=True)
+    load_after = os.getloadavg()
+
+    ref_name = "llama" if "llama" in results else "1"
+    ref = results.get(ref_name)
+    header = (
+        f"{'setting':>8} {'rep/s':>7} {'prompt tok/s':>12} {'out tok/s':>9} {'prefill':>7} {'decode':>7} "
+        f"{'scoring':>7} {'sampling':>8} {'other':>6} {'peak RSS':>9} {'same text':>9} {'same answer':>11} "
+        f"{'same argmax':>11} {'max |dlogL|':>11}"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for setting, r in results.items():
+        el = r["elapsed_s"]
+        shares = [r[k] / el for k in ("prefill_s", "decode_s", "scoring_s", "sampling_s")]
+        other = max(0.0, 1.0 - sum(shares))
+        if ref is not None and setting not in (ref_name, "naive"):
+            same_text, same_answer, same_best, worst = agreement(ref, r)
+            agree = f"{same_text:>9.1%} {same_answer:>11.1%} {same_best:>11.1%} {worst:>11.2g}"
+        else:
+            mark = "ref" if setting == ref_name else "-"
+            agree = f"{mark:>9} {mark:>11} {mark:>11} {mark:>11}"
+        name = setting if setting in ("naive", "llama") else "N=" + setting
+        print(
+            f"{name:>8} {r['reports'] / el:>7.3f} "
+            f"{r['prompt_tokens'] / el:>12.1f} {r['output_tokens'] / el:>9.1f} "
+            + " ".join(f"{s:>7.1%}" for s in shares[:3])
+            + f" {shares[3]:>8.1%} {other:>6.1%} {r['peak_rss_mib']:>7.0f} M {agree}"
+        )
+    print()
+    for setting, r in results.items():
+        if setting in ("naive", "llama"):
+            continue
+        decode = r["decode_s"] + r["scoring_s"]
+        print(
+            f"N={setting}: grammar sampling {r['sampling_s'] / max(decode, 1e-9):.1%} of decode time; "
+            f"{r['greedy_accepted']} greedy tokens accepted, {r['extra'].get('topk_grammar_applies', 0)} top-k and "
+            f"{r['full_grammar_applies']} full-vocabulary grammar applies; {r['extra'].get('steps', 0)} steps"
+        )
+    print(f"load average after {load_after[0]:.2f} (1 min), {load_after[1]:.2f} (5 min)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"load": [load_before, load_after], "results": results}))
+    naive = results.get("naive")
+    engines = [r["reports"] / r["elapsed_s"] for s, r in results.items() if s not in ("naive", "llama")]
+    if naive and engines:
+        print(f"speedup {max(engines) / (naive['reports'] / naive['elapsed_s']):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

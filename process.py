@@ -204,6 +204,11 @@ def translate_job(
     return dataclasses.replace(job, test=tuple(cases))
 
 
+def context_for(longest_prompt: int, tf: Taskfile) -> int:
+    """Context for a job: its longest prompt plus a retry's doubled output budget, in 256-token steps."""
+    return -(-(longest_prompt + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
+
+
 def prompt_builder(
     tf: Taskfile,
     tokenizer: ChatTokenizer,
@@ -224,8 +229,7 @@ def prompt_builder(
         ),
         default=0,
     )
-    wanted = -(-(longest + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
-    summary.n_ctx = builder.context_limit = min(wanted, builder.context_limit)
+    summary.n_ctx = builder.context_limit = min(context_for(longest, tf), builder.context_limit)
     log.info(
         "context %d tokens (longest prompt %d); examples: %s, k=%d",
         summary.n_ctx,

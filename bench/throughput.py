@@ -2,7 +2,7 @@
 
     python bench/throughput.py --job DIR [--model PATH] [--max-cases N] [--settings naive,1,4,8,16]
 
-The job's requests are built as process.py builds them (load_job, the Taskfile for the job, the
+The job's requests are built as process.py builds them, without solved examples (load_job, the
 model's tokenizer and chat template, PromptBuilder; context sized as process.py sizes it). Then,
 each setting in its own subprocess so peak memory (ru_maxrss) is its own:
 
@@ -37,15 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_MODEL = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONTEXT_STEP = 256
 
 
 def build_requests(job_dir: Path, model: Path, max_cases: int | None, reasoning_setting: str) -> tuple[list[Any], int]:
-    """The job's first-attempt requests as process.py builds them, and the per-sequence context."""
+    """The job's first-attempt requests as process.py builds them (without solved examples), and
+    the per-sequence context."""
     from extractor.dragon_io import load_job
     from extractor.engine import LlamaChat
     from extractor.prompts import PromptBuilder
     from extractor.taskfiles import Reasoning, load_taskfiles, taskfile_for_job
+    from process import context_for
 
     job = load_job(job_dir)
     tf = taskfile_for_job(job.config, job.train, load_taskfiles(REPO / "taskfiles"))
@@ -64,13 +65,11 @@ def build_requests(job_dir: Path, model: Path, max_cases: int | None, reasoning_
     if max_cases is not None:
         cases = cases[:max_cases]
     reasoning = tf.reasoning.enabled
-    # Context as process.py sizes it: the longest prompt plus a retry's doubled output budget.
     longest = max(
         (builder.build(c, reasoning=reasoning, max_tokens=tf.max_output_tokens).request.prompt_tokens for c in cases),
         default=0,
     )
-    wanted = -(-(longest + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
-    n_ctx = min(wanted, builder.context_limit)
+    n_ctx = min(context_for(longest, tf), builder.context_limit)
     builder.context_limit = n_ctx
     requests = [builder.build(c, reasoning=reasoning, max_tokens=tf.max_output_tokens).request for c in cases]
     return requests, n_ctx

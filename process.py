@@ -296,8 +296,9 @@ def open_journal(
     if not settings.journal:
         return None
     answer_settings = (settings.examples, settings.k, settings.reasoning, settings.translate, settings.n_ctx)
-    # The code is part of the key: answers from another version of the pipeline are not reused.
-    files = [*input_files, *sorted(CODE_DIR.glob("*.py"))]
+    # The code (this file and the package) is part of the key: answers from another version of the
+    # pipeline are not reused.
+    files = [*input_files, Path(__file__).resolve(), *sorted(CODE_DIR.glob("*.py"))]
     key = journal_key(summary.backend, summary.model_sha256, tf.digest(), answer_settings, files=files)
     return Journal(settings.work_dir / f"{job.config.task_name}-{key[:16]}.jsonl")
 

@@ -59,7 +59,7 @@ def test_cli_runs_the_default_model_and_writes_a_summary(tmp_path: Path) -> None
         "--output",
         str(out),
     ]
-    cmd += ["--max-cases", "2", "--summary", str(summary)]
+    cmd += ["--max-cases", "2", "--summary", str(summary), "--work-dir", str(tmp_path / "work")]  # no old journal
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = orjson.loads((out / PRED).read_bytes())

@@ -18,13 +18,13 @@ from typing import Any
 from tqdm import tqdm
 
 from extractor.adapters import Adapter, DragonAdapter
-from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
+from extractor.backend import Backend, ChatTokenizer, PlainTokenizer, clear_stop, request_stop
 from extractor.batch_engine import BatchedLlamaEngine
 from extractor.dragon_io import Job, JobError, PredictionError
 from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
 from extractor.gc_io import SocketError
-from extractor.generation import CaseAnswer, StopRequested, TimeBudget, answer_cases
+from extractor.generation import CaseAnswer, TimeBudget, answer_cases
 from extractor.journal import Journal, journal_key
 from extractor.metrics import task_score
 from extractor.postprocess import blend_with_vote, to_prediction
@@ -44,6 +44,7 @@ MIN_CONTEXT = 512
 CODE_DIR = Path(__file__).resolve().parent / "extractor"
 BACKENDS = ("llama", "oracle", "prior", "knn")
 EXIT_INTERRUPTED = 3
+VOTE = "vote"  # the validation candidate that answers without the model
 
 
 def run_job(
@@ -85,13 +86,18 @@ def run_job(
             job = translate_job(job, tf, tokenizer, start_backend, settings, summary)
         builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
 
+    ask_model = bool(job.test)
     if settings.choose_examples and job.validation and job.test:
         with summary.stage("choose examples on validation"):
-            tf, builder = choose_on_validation(job, tf, tokenizer, start_backend, retriever, settings, summary)
+            chosen = choose_on_validation(job, tf, tokenizer, start_backend, retriever, fallback, settings, summary)
+            if chosen is None:  # the neighbours' vote beat every way of asking the model
+                ask_model = False
+            else:
+                tf, builder = chosen
 
     with summary.stage("generate"):
-        journal = open_journal(settings, job, tf, summary, adapter.input_files(job)) if job.test else None
-        answers = generate(job, builder, start_backend, summary, budget, journal) if job.test else {}
+        journal = open_journal(settings, job, tf, summary, adapter.input_files(job)) if ask_model else None
+        answers = generate(job, builder, start_backend, summary, budget, journal) if ask_model else {}
 
     with summary.stage("post-process"):
         records = predictions(job, tf, answers, fallback, settings.blend, summary)
@@ -196,9 +202,7 @@ def translate_job(
     try:
         cases, failed = translate_cases(job.test, tf, backend, tokenizer, limit)
     finally:
-        close = getattr(backend, "close", None)
-        if close:
-            close()
+        close_backend(backend)
     summary.translated = len(job.test) - failed
     log.info("translated %d of %d test reports to English", summary.translated, len(job.test))
     return dataclasses.replace(job, test=tuple(cases))
@@ -246,47 +250,68 @@ def choose_on_validation(
     tokenizer: ChatTokenizer,
     start_backend: Callable[[int], Backend],
     retriever: Retriever,
+    fallback: Callable[[Any], Any],
     settings: Settings,
     summary: RunSummary,
-) -> tuple[Taskfile, PromptBuilder]:
-    """Score zero-shot, fixed and retrieved examples on the first validation cases and keep the best.
+) -> tuple[Taskfile, PromptBuilder] | None:
+    """Score zero-shot, fixed and retrieved examples on the first validation cases, post-processed
+    exactly as the test set will be (fallback and blend included), and keep the best.
 
+    With the neighbour vote as fallback, the vote alone is a candidate too: None means it won, and
+    the test set is answered without the model (a model that adds nothing should not cost a score).
     The validation set only chooses; it is never shown to the model as examples.
     """
     sample = job.validation[: settings.choose_examples]
+    truth = [c.label for c in sample]
     k = tf.examples.k or 4
     backend = start_backend(summary.n_ctx)
     scores: dict[str, float] = {}
     for strategy in ("none", "fixed", "retrieved"):
-        candidate = tf.model_copy(
-            update={"examples": Examples(strategy=strategy, k=k, max_chars=tf.examples.max_chars)}
+        candidate = with_examples(tf, strategy, k)
+        builder = examples_builder(candidate, tokenizer, job, retriever, summary.n_ctx)
+        answers, stats = answer_cases(sample, builder, backend)
+        if stats.interrupted:  # a signal: no choice; generation stops at once and the job writes its fallback
+            return tf, examples_builder(tf, tokenizer, job, retriever, summary.n_ctx)
+        records = predictions(
+            dataclasses.replace(job, test=sample), candidate, answers, fallback, settings.blend, RunSummary()
         )
-        picker = example_picker(strategy, k, job.train, job.task_type, retriever)
-        builder = PromptBuilder(
-            candidate, tokenizer, truncation_side=job.config.recommended_truncation_side,
-            context_limit=summary.n_ctx, examples=picker,
-        )  # fmt: skip
-        answers, _ = answer_cases(sample, builder, backend)
-        fallback = TrainingPrior(job.train, job.task_type)
-        preds = [
-            to_prediction(answers[c.uid].answer, answers[c.uid].likelihoods, candidate, c.parts)
-            if answers[c.uid].ok
-            else fallback(c)
-            for c in sample
-        ]
-        scores[strategy] = task_score(job.task_type, [c.label for c in sample], preds)
-    best = max(scores, key=lambda name: (scores[name], name == tf.examples.strategy))
+        scores[strategy] = task_score(job.task_type, truth, [r[job.task_type.prediction_key] for r in records])
+    if isinstance(fallback, NeighbourVote):
+        scores[VOTE] = task_score(job.task_type, truth, [fallback(c) for c in sample])
+    # Ties (to 6 decimals: float noise must not decide) go to the Taskfile's strategy, then to the model over the vote.
+    best = max(scores, key=lambda name: (round(scores[name], 6), name == tf.examples.strategy, name != VOTE))
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     margin = ranked[0][1] - ranked[1][1] if len(ranked) > 1 else 0.0
-    log.info("examples on %d validation cases: %s; using %s (by %.3f)", len(sample), scores, best, margin)
+    log.info("on %d validation cases: %s; using %s (by %.3f)", len(sample), scores, best, margin)
     summary.choice = {"scores": scores, "chosen": best, "validation_cases": len(sample)}
-    chosen = tf.model_copy(update={"examples": Examples(strategy=best, k=k, max_chars=tf.examples.max_chars)})
-    picker = example_picker(best, k, job.train, job.task_type, retriever)
-    builder = PromptBuilder(
-        chosen, tokenizer, truncation_side=job.config.recommended_truncation_side,
-        context_limit=summary.n_ctx, examples=picker,
+    if best == VOTE:
+        log.warning("the neighbour vote beat the model on validation: the test set is answered without the model")
+        close_backend(backend)
+        return None
+    chosen = with_examples(tf, best, k)
+    return chosen, examples_builder(chosen, tokenizer, job, retriever, summary.n_ctx)
+
+
+def close_backend(backend: Backend) -> None:
+    """Free the model's memory; backends without a model have nothing to close."""
+    close = getattr(backend, "close", None)
+    if close:
+        close()
+
+
+def with_examples(tf: Taskfile, strategy: str, k: int) -> Taskfile:
+    return tf.model_copy(update={"examples": Examples(strategy=strategy, k=k, max_chars=tf.examples.max_chars)})
+
+
+def examples_builder(
+    tf: Taskfile, tokenizer: ChatTokenizer, job: Job, retriever: Retriever, context_limit: int
+) -> PromptBuilder:
+    """A prompt builder for the Taskfile's example strategy, in the context already sized for the job."""
+    picker = example_picker(tf.examples.strategy, tf.examples.k, job.train, job.task_type, retriever)
+    return PromptBuilder(
+        tf, tokenizer, truncation_side=job.config.recommended_truncation_side,
+        context_limit=context_limit, examples=picker,
     )  # fmt: skip
-    return chosen, builder
 
 
 def open_journal(
@@ -344,9 +369,7 @@ def generate(
         summary.engine = {
             k: (round(v, 3) if isinstance(v, float) else v) for k, v in dataclasses.asdict(engine_stats).items()
         }
-    close = getattr(backend, "close", None)
-    if close:
-        close()
+    close_backend(backend)
     if stats.truncated:
         log.warning(
             "%d reports were cut on the %s to fit the context", stats.truncated, job.config.recommended_truncation_side
@@ -429,8 +452,9 @@ def install_signal_handlers() -> dict[int, Any]:
 
     def handler(signum: int, frame: Any) -> None:
         signal.signal(signum, signal.SIG_IGN)  # a second signal must not interrupt the writing
-        raise StopRequested(signal.Signals(signum).name)
+        request_stop(signal.Signals(signum).name)
 
+    clear_stop()
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, handler)

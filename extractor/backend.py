@@ -7,9 +7,35 @@ so retries, fallbacks and post-processing are written once and tested without a 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
+
+_stop = threading.Event()
+
+
+class StopRequested(BaseException):
+    """A signal asked the job to finish now with what is answered (BaseException, so that no
+    generic error handler swallows it)."""
+
+
+def request_stop(reason: str) -> NoReturn:
+    """Called by the signal handler: remember the stop, then raise. The flag outlives an exception
+    that cannot travel: a signal landing in a C callback (llama.cpp's log hook) is raised inside
+    ctypes, which prints and drops it."""
+    _stop.set()
+    raise StopRequested(reason)
+
+
+def check_stop() -> None:
+    """Raise StopRequested if a stop was requested; backends call it between decode steps."""
+    if _stop.is_set():
+        raise StopRequested("stop requested")
+
+
+def clear_stop() -> None:
+    _stop.clear()
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from llama_cpp import _internals, llama_cpp
 from llama_cpp._logger import set_verbose
 from llama_cpp._utils import suppress_stdout_stderr
 
-from extractor.backend import Request, Result
+from extractor.backend import Request, Result, check_stop
 from extractor.engine import (
     EngineError,
     EngineOptions,
@@ -336,6 +336,7 @@ class BatchedLlamaEngine:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _decode(self, n: int) -> None:
+        check_stop()
         self._batch.n_tokens = n
         rc = llama_cpp.llama_decode(self.ctx, self._batch)
         if rc != 0:

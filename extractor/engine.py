@@ -31,7 +31,7 @@ from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from extractor.backend import Message, Request, Result
+from extractor.backend import Message, Request, Result, check_stop
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,7 @@ class LlamaEngine:
         self.stats.prompt_tokens_evaluated += len(tokens) - keep
 
     def _step(self, tokens: list[int]) -> np.ndarray:
+        check_stop()
         t0 = time.perf_counter()
         self.llm.eval(tokens)
         self.stats.decode_s += time.perf_counter() - t0

@@ -44,6 +44,7 @@ class JobRow:
     seconds: float = 0.0
     failures: int = 0
     cases: int = 0
+    resumed: int = 0  # answers taken from a checkpoint journal: they cost no time in this run
     error: str | None = None
     score: float | None = None
     note: str = ""
@@ -97,7 +98,7 @@ def run_jobs(rows: list[JobRow], pred_root: Path, backend: str, gt_dir: Path | N
         start = time.perf_counter()
         try:
             summary = process.run_job(settings, backend=backend, ground_truth=truth)
-            row.failures, row.cases = summary.failures, summary.cases
+            row.failures, row.cases, row.resumed = summary.failures, summary.cases, summary.resumed
         except (JobError, PredictionError, ValueError, RuntimeError) as err:
             row.error = str(err)
             log.error("%s: %s", job_name(row), err)
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "score": r.score,
             "seconds": round(r.seconds, 2),
             "cases": r.cases,
+            "resumed": r.resumed,
             "failures": r.failures,
             "error": r.error,
         }

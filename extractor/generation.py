@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extractor.backend import Backend, Request, Result
+from extractor.backend import Backend, Request, Result, StopRequested, check_stop
 from extractor.dragon_io import Case
 from extractor.prompts import PromptBuilder
 from extractor.schema import AnswerError, parse_answer
@@ -71,11 +71,6 @@ class GenerationStats:
 
 def _classify(message: str) -> str:
     return message.split(":", 1)[0][:60]
-
-
-class StopRequested(BaseException):
-    """Raised by the signal handler: finish now with what is answered (BaseException, so that no
-    generic error handler swallows it)."""
 
 
 # What each degradation level gives up to fit the time budget, cheapest loss first.
@@ -151,6 +146,7 @@ def answer_cases(
                 break
             if level > 0:
                 stats.degraded[LEVELS[level]] = stats.degraded.get(LEVELS[level], 0) + len(chunk)
+            check_stop()
             t0 = budget.clock()
             _answer_chunk(chunk, builder, backend, level, answers, stats, on_result)
             seconds_per_case = (budget.clock() - t0) / max(len(chunk), 1)
@@ -214,6 +210,7 @@ def _answer_chunk(
         failed: list[Case] = []
         engine_failed.clear()
         for result in _generate(backend, requests):
+            check_stop()
             case = by_uid[result.uid]
             entry = answers.setdefault(result.uid, CaseAnswer(uid=result.uid))
             entry.attempts = number

@@ -104,7 +104,7 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
         "--choose-examples",
         "DRAGON_CHOOSE_EXAMPLES",
         "0",
-        "try none/fixed/retrieved examples on N validation cases",
+        "try none/fixed/retrieved examples and the neighbour vote on N validation cases",
     ),
     ("--time-limit", "DRAGON_TIME_LIMIT", None, "seconds the job may take; it degrades to finish inside them"),
     ("--work-dir", "DRAGON_WORK_DIR", None, "folder for the checkpoint journal (default: <temp dir>/dragon-extractor)"),

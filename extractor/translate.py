@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from extractor.backend import Backend, ChatTokenizer, Message, Request
+from extractor.backend import Backend, ChatTokenizer, Message, Request, StopRequested
 from extractor.dragon_io import Case
 from extractor.taskfiles import Taskfile
 
@@ -53,13 +53,17 @@ def translate_cases(
         raise ValueError("translation is not offered for NER tasks: word positions would no longer match")
     done: dict[str, str] = {}
     failed = 0
-    for result in backend.generate(
-        translation_requests([c for c in cases if not c.is_blank], tf, tokenizer, context_limit)
-    ):
-        if result.error or not result.text.strip():
-            failed += 1
-            continue
-        done[result.uid] = result.text.strip()
+    try:
+        for result in backend.generate(
+            translation_requests([c for c in cases if not c.is_blank], tf, tokenizer, context_limit)
+        ):
+            if result.error or not result.text.strip():
+                failed += 1
+                continue
+            done[result.uid] = result.text.strip()
+    except StopRequested:
+        # The stop flag stays set: generation ends at once and the job writes its fallback answers.
+        log.warning("stopped by a signal during translation: %d pieces translated", len(done))
     out = []
     for case in cases:
         pieces = translatable_parts(case, tf)

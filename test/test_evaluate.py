@@ -121,3 +121,18 @@ def test_fixture_files_are_up_to_date() -> None:
     spec.loader.exec_module(module)
     for path, data in module.expected_files().items():
         assert path.read_bytes() == data, f"{path} is stale: run python test/fixtures/make_jobs.py"
+
+
+def test_metrics_count_answers_resumed_from_the_journal(tmp_path: Path, capsys) -> None:
+    """A rerun over the same work dir resumes every answer, and metrics.json says so (the results
+    table divides seconds by generated reports only)."""
+    jobs = tmp_path / "jobs"
+    shutil.copytree(JOBS / "Task106_Example_sl_reg-fold0", jobs / "Task106_Example_sl_reg-fold0")
+    common = ["--jobs", str(jobs), "--ground-truth", str(GROUND_TRUTH), "--backend", "oracle"]
+    common += ["--max-cases", "3", "--work-dir", str(tmp_path / "w")]
+    resumed = []
+    for name in ("first", "again"):
+        code, _ = run_eval(capsys, *common, "--out", str(tmp_path / name))
+        assert code == 0
+        resumed.append(orjson.loads((tmp_path / name / "metrics.json").read_bytes())["jobs"][0]["resumed"])
+    assert resumed == [0, 3]

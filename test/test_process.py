@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from conftest import DEFAULT_MODEL, GROUND_TRUTH, JOBS, REPO, needs_model
 
 import process
 from extractor import evaluate
+from extractor.adapters import DragonAdapter
+from extractor.fewshot import NeighbourVote, Retriever
+from extractor.settings import parse_settings
 
 PRED = "nlp-predictions-dataset.json"
 
@@ -102,7 +106,7 @@ def test_examples_strategy_is_chosen_on_validation(tmp_path: Path) -> None:
     args += ["--max-cases", "1", "--choose-examples", "3", "--summary", str(summary), "--work-dir", str(tmp_path / "w")]
     assert process.main(args) == 0
     choice = orjson.loads(summary.read_bytes())["choice"]
-    assert set(choice["scores"]) == {"none", "fixed", "retrieved"} and choice["validation_cases"] == 3
+    assert set(choice["scores"]) == {"none", "fixed", "retrieved", "vote"} and choice["validation_cases"] == 3
     assert choice["scores"][choice["chosen"]] == max(choice["scores"].values())  # ties keep the Taskfile's
 
 
@@ -122,3 +126,34 @@ def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Pa
     assert runs["batched"][1]["engine"]["extra"]["n_seq"] == 3
     assert "n_seq" not in runs["single"][1]["engine"]["extra"]
     assert runs["batched"][1]["output_tokens"] == runs["single"][1]["output_tokens"] > 0
+
+
+def _validation_run(tmp_path: Path, flip: bool) -> tuple[dict, list, list]:
+    """Task101 fixture with --choose-examples on the oracle, whose validation answers are the
+    true labels or their opposite; returns the summary, the predictions and the vote's answers."""
+    job_dir = JOBS / "Task101_Example_sl_bin_clf-fold0"
+    label = "single_label_binary_classification_target"
+    validation = orjson.loads((job_dir / "nlp-validation-dataset.json").read_bytes())
+    truth = orjson.loads((GROUND_TRUTH / "Task101_Example_sl_bin_clf.json").read_bytes())
+    truth += [{"uid": c["uid"], label: (not c[label]) if flip else c[label]} for c in validation]
+    gt = tmp_path / "truth.json"
+    gt.write_bytes(orjson.dumps(truth))
+    args = ["--input", str(job_dir), "--output", str(tmp_path / "o"), "--no-journal", "--choose-examples", "4"]
+    summary = process.run_job(parse_settings(args), backend="oracle", ground_truth=gt)
+    job = DragonAdapter().load(job_dir)
+    vote = NeighbourVote(job.train, job.task_type, Retriever(job.train), 8)
+    preds = [r[job.task_type.prediction_key] for r in orjson.loads((tmp_path / "o" / PRED).read_bytes())]
+    return dataclasses.asdict(summary), preds, [vote(c) for c in job.test]
+
+
+def test_validation_choice_keeps_the_model_that_answers_right(tmp_path: Path) -> None:
+    summary, preds, votes = _validation_run(tmp_path, flip=False)
+    assert summary["choice"]["scores"]["retrieved"] == 1.0 and summary["choice"]["chosen"] == "retrieved"
+    assert summary["answered"] == len(preds) == 6 and preds != votes
+
+
+def test_vote_answers_the_test_set_when_it_beats_the_model_on_validation(tmp_path: Path) -> None:
+    summary, preds, votes = _validation_run(tmp_path, flip=True)
+    scores = summary["choice"]["scores"]
+    assert summary["choice"]["chosen"] == "vote" and scores["vote"] > max(scores["none"], scores["fixed"])
+    assert summary["answered"] == 0 and preds == votes  # the model was not asked about the test set

@@ -17,9 +17,9 @@ import pytest
 from conftest import JOBS, REPO, needs_model, write_job
 
 import process
-from extractor.backend import PlainTokenizer, Request, Result
+from extractor.backend import PlainTokenizer, Request, Result, StopRequested, clear_stop, request_stop
 from extractor.dragon_io import Case, load_job, verify_predictions
-from extractor.generation import LEVELS, StopRequested, TimeBudget, answer_cases
+from extractor.generation import LEVELS, TimeBudget, answer_cases
 from extractor.prompts import PromptBuilder
 from extractor.settings import parse_settings
 from extractor.taskfiles import Taskfile
@@ -100,6 +100,33 @@ def test_a_stop_request_keeps_what_is_answered() -> None:
 
     builder = PromptBuilder(TF, PlainTokenizer(), truncation_side="left", context_limit=100_000)
     answers, stats = answer_cases([Case(str(i), text="x") for i in range(4)], builder, Stopping(), chunk_size=8)
+    assert stats.interrupted and stats.answered == 2
+    assert {uid for uid, a in answers.items() if a.ok} == {"0", "1"}
+
+
+def test_a_stop_whose_exception_was_swallowed_still_stops() -> None:
+    """A signal landing inside a C callback raises where ctypes prints and drops the exception;
+    the stop flag set beside it still ends the work at the next result."""
+
+    class SwallowingCallback:
+        name = "swallowing"
+
+        def generate(self, requests):
+            for i, req in enumerate(requests):
+                if i == 2:
+                    try:
+                        request_stop("SIGTERM")
+                    except StopRequested:
+                        pass  # what ctypes does with an exception raised in a callback
+                yield Result(uid=req.uid, text='{"reasoning": "", "size": 2}')
+
+    builder = PromptBuilder(TF, PlainTokenizer(), truncation_side="left", context_limit=100_000)
+    try:
+        answers, stats = answer_cases(
+            [Case(str(i), text="x") for i in range(6)], builder, SwallowingCallback(), chunk_size=8
+        )
+    finally:
+        clear_stop()
     assert stats.interrupted and stats.answered == 2
     assert {uid for uid, a in answers.items() if a.ok} == {"0", "1"}
 

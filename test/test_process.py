@@ -107,7 +107,8 @@ def test_examples_strategy_is_chosen_on_validation(tmp_path: Path) -> None:
     assert process.main(args) == 0
     choice = orjson.loads(summary.read_bytes())["choice"]
     assert set(choice["scores"]) == {"none", "fixed", "retrieved", "vote"} and choice["validation_cases"] == 3
-    assert choice["scores"][choice["chosen"]] == max(choice["scores"].values())  # ties keep the Taskfile's
+    best = round(max(choice["scores"].values()), 6)
+    assert round(choice["scores"][choice["chosen"]], 6) == best  # ties (to 6 decimals) keep the Taskfile's
 
 
 @needs_model

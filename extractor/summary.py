@@ -94,6 +94,11 @@ class RunSummary:
                 "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
                 f"throughput {rate:.2f} reports/s",
             ]
+            + (
+                [f"chosen on {self.choice['validation_cases']} validation cases: {self.choice['chosen']}"]
+                if self.choice
+                else []
+            )
             + ([f"errors: {self.errors}"] if self.errors else [])
             + ([f"degraded to fit the time limit: {self.degraded}"] if self.degraded else [])
             + (["interrupted by a signal"] if self.interrupted else [])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from extractor import evaluate
 from extractor.adapters import DragonAdapter
 from extractor.fewshot import NeighbourVote, Retriever
 from extractor.settings import parse_settings
+from extractor.summary import RunSummary
 
 PRED = "nlp-predictions-dataset.json"
 
@@ -129,7 +129,7 @@ def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Pa
     assert runs["batched"][1]["output_tokens"] == runs["single"][1]["output_tokens"] > 0
 
 
-def _validation_run(tmp_path: Path, flip: bool) -> tuple[dict, list, list]:
+def _validation_run(tmp_path: Path, flip: bool) -> tuple[RunSummary, list, list]:
     """Task101 fixture with --choose-examples on the oracle, whose validation answers are the
     true labels or their opposite; returns the summary, the predictions and the vote's answers."""
     job_dir = JOBS / "Task101_Example_sl_bin_clf-fold0"
@@ -144,17 +144,18 @@ def _validation_run(tmp_path: Path, flip: bool) -> tuple[dict, list, list]:
     job = DragonAdapter().load(job_dir)
     vote = NeighbourVote(job.train, job.task_type, Retriever(job.train), 8)
     preds = [r[job.task_type.prediction_key] for r in orjson.loads((tmp_path / "o" / PRED).read_bytes())]
-    return dataclasses.asdict(summary), preds, [vote(c) for c in job.test]
+    return summary, preds, [vote(c) for c in job.test]
 
 
 def test_validation_choice_keeps_the_model_that_answers_right(tmp_path: Path) -> None:
     summary, preds, votes = _validation_run(tmp_path, flip=False)
-    assert summary["choice"]["scores"]["retrieved"] == 1.0 and summary["choice"]["chosen"] == "retrieved"
-    assert summary["answered"] == len(preds) == 6 and preds != votes
+    assert summary.choice["scores"]["retrieved"] == 1.0 and summary.choice["chosen"] == "retrieved"
+    assert summary.answered == len(preds) == 6 and preds != votes
 
 
 def test_vote_answers_the_test_set_when_it_beats_the_model_on_validation(tmp_path: Path) -> None:
     summary, preds, votes = _validation_run(tmp_path, flip=True)
-    scores = summary["choice"]["scores"]
-    assert summary["choice"]["chosen"] == "vote" and scores["vote"] > max(scores["none"], scores["fixed"])
-    assert summary["answered"] == 0 and preds == votes  # the model was not asked about the test set
+    scores = summary.choice["scores"]
+    assert summary.choice["chosen"] == "vote" and scores["vote"] > max(scores["none"], scores["fixed"])
+    assert summary.answered == 0 and preds == votes  # the model was not asked about the test set
+    assert "chosen on 4 validation cases: vote" in summary.log_lines()

@@ -29,7 +29,7 @@ from extractor.journal import Journal, journal_key
 from extractor.metrics import task_score
 from extractor.postprocess import blend_with_vote, to_prediction
 from extractor.prior import TrainingPrior
-from extractor.prompts import ExamplePicker, PromptBuilder
+from extractor.prompts import PromptBuilder
 from extractor.reference_backends import OracleBackend, PriorBackend, load_ground_truth
 from extractor.schema import answer_schema
 from extractor.settings import ModelNotFound, Settings, find_model, parse_settings
@@ -76,7 +76,6 @@ def run_job(
 
     with summary.stage("choose examples"):
         retriever = Retriever(job.train)
-        examples = example_picker(tf.examples.strategy, tf.examples.k, job.train, job.task_type, retriever)
         fallback = choose_fallback(settings, backend, job, retriever)
 
     with summary.stage("build prompts"):
@@ -84,7 +83,7 @@ def run_job(
         tokenizer, start_backend = open_backend(kind, settings, job, tf, ground_truth, summary)
         if settings.translate and job.test:
             job = translate_job(job, tf, tokenizer, start_backend, settings, summary)
-        builder = prompt_builder(tf, tokenizer, job, settings, examples, summary)
+        builder = prompt_builder(tf, tokenizer, job, settings, retriever, summary)
 
     ask_model = bool(job.test)
     if settings.choose_examples and job.validation and job.test:
@@ -92,8 +91,8 @@ def run_job(
             chosen = choose_on_validation(job, tf, tokenizer, start_backend, retriever, fallback, settings, summary)
             if chosen is None:  # the neighbours' vote beat every way of asking the model
                 ask_model = False
-            else:
-                tf, builder = chosen
+            elif chosen != tf:
+                tf, builder = chosen, examples_builder(chosen, tokenizer, job, retriever, summary.n_ctx)
 
     with summary.stage("generate"):
         journal = open_journal(settings, job, tf, summary, adapter.input_files(job)) if ask_model else None
@@ -218,14 +217,11 @@ def prompt_builder(
     tokenizer: ChatTokenizer,
     job: Job,
     settings: Settings,
-    examples: ExamplePicker | None,
+    retriever: Retriever,
     summary: RunSummary,
 ) -> PromptBuilder:
     """A prompt builder whose context is sized to this job: longest prompt plus a retry's output."""
-    limit = settings.n_ctx or tokenizer.context_limit
-    builder = PromptBuilder(
-        tf, tokenizer, truncation_side=job.config.recommended_truncation_side, context_limit=limit, examples=examples
-    )
+    builder = examples_builder(tf, tokenizer, job, retriever, settings.n_ctx or tokenizer.context_limit)
     longest = max(
         (
             builder.build(c, reasoning=tf.reasoning.enabled, max_tokens=tf.max_output_tokens).request.prompt_tokens
@@ -253,9 +249,9 @@ def choose_on_validation(
     fallback: Callable[[Any], Any],
     settings: Settings,
     summary: RunSummary,
-) -> tuple[Taskfile, PromptBuilder] | None:
+) -> Taskfile | None:
     """Score zero-shot, fixed and retrieved examples on the first validation cases, post-processed
-    exactly as the test set will be (fallback and blend included), and keep the best.
+    exactly as the test set will be (fallback and blend included); returns the Taskfile with the best.
 
     With the neighbour vote as fallback, the vote alone is a candidate too: None means it won, and
     the test set is answered without the model (a model that adds nothing should not cost a score).
@@ -271,7 +267,7 @@ def choose_on_validation(
         builder = examples_builder(candidate, tokenizer, job, retriever, summary.n_ctx)
         answers, stats = answer_cases(sample, builder, backend)
         if stats.interrupted:  # a signal: no choice; generation stops at once and the job writes its fallback
-            return tf, examples_builder(tf, tokenizer, job, retriever, summary.n_ctx)
+            return tf
         records = predictions(
             dataclasses.replace(job, test=sample), candidate, answers, fallback, settings.blend, RunSummary()
         )
@@ -288,8 +284,7 @@ def choose_on_validation(
         log.warning("the neighbour vote beat the model on validation: the test set is answered without the model")
         close_backend(backend)
         return None
-    chosen = with_examples(tf, best, k)
-    return chosen, examples_builder(chosen, tokenizer, job, retriever, summary.n_ctx)
+    return with_examples(tf, best, k)
 
 
 def close_backend(backend: Backend) -> None:

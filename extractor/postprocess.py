@@ -1,7 +1,8 @@
 """Answers to DRAGON prediction values, as pure functions.
 
 Binary fields become probabilities from the model's likelihoods, label fields the most likely
-training label, numbers floats, and entity lists BIO tags aligned to the job's words.
+training label (or, for ordinal labels, the one with the lowest expected linear cost), numbers
+floats, and entity lists BIO tags aligned to the job's words.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from extractor.taskfiles import NUMBERED_TAG, OutputField, Taskfile
+from extractor.taskfiles import NUMBERED_TAG, NerSpec, OutputField, Taskfile
 
 MAX_ENTITY_WORDS = 64
 POSITION_TOLERANCE = 2  # a start this many words off still counts as the entity's position
@@ -42,12 +43,56 @@ def most_likely_label(likelihoods: Mapping[str, float] | None, answer: str, labe
     return answer if answer in labels else labels[0]
 
 
+def ordinal_ranks(labels: Sequence[str]) -> dict[str, int]:
+    """Each label's rank as dragon-eval's linear kappa sees it: sklearn orders the labels by
+    sorting them (as strings), whatever they mean."""
+    return {lab: i for i, lab in enumerate(sorted(labels))}
+
+
+def label_probabilities(likelihoods: Mapping[str, float] | None, labels: Sequence[str]) -> list[float] | None:
+    """Softmax of the labels' log-likelihoods (literals are JSON strings); None when none is finite."""
+    if not likelihoods:
+        return None
+    scores = [likelihoods.get(orjson.dumps(lab).decode(), -math.inf) for lab in labels]
+    top = max(scores, default=-math.inf)
+    if not math.isfinite(top):
+        return None
+    exp = [math.exp(s - top) for s in scores]
+    total = sum(exp)
+    return [e / total for e in exp]
+
+
+def min_expected_cost_label(probs: Sequence[float], labels: Sequence[str]) -> str:
+    """The label minimising the expected |rank - true rank| (a weighted median); ties go to the
+    more probable label, then the earlier one."""
+    ranks = ordinal_ranks(labels)
+
+    def cost(j: int) -> float:
+        return sum(p * abs(ranks[labels[j]] - ranks[lab]) for p, lab in zip(probs, labels, strict=True))
+
+    return labels[min(range(len(labels)), key=lambda j: (round(cost(j), 12), -probs[j], j))]
+
+
+def decide_label(field: OutputField, likelihoods: Mapping[str, float] | None, answer: str) -> str:
+    """The label field's value under the field's decision rule."""
+    labels = list(field.labels or ())
+    if field.decision == "min_expected_cost":
+        probs = label_probabilities(likelihoods, labels)
+        if probs is not None:
+            return min_expected_cost_label(probs, labels)
+    return most_likely_label(likelihoods, answer, labels)
+
+
 def field_value(field: OutputField, value: Any, likelihoods: Mapping[str, float] | None) -> Any:
     if field.type == "boolean":
         return probability_true(likelihoods, bool(value))
     if field.type == "label":
-        return most_likely_label(likelihoods, value, field.labels or ())
+        return decide_label(field, likelihoods, value)
     if field.type == "number":
+        if isinstance(field.missing_value, str):
+            raise ValueError(
+                f"field {field.name!r}: missing_value {field.missing_value!r} was not resolved from the training set"
+            )
         if value is None or not math.isfinite(float(value)):
             return float(field.missing_value)
         return float(value)
@@ -123,22 +168,47 @@ def _span_from_position(
     return by_text
 
 
+def marker_end(words: Sequence[str], markers: Sequence[str]) -> int | None:
+    """Index just after the first word that is one of the marker words (case-insensitive)."""
+    wanted = {_norm(m) for m in markers if _norm(m)}
+    for k, word in enumerate(words):
+        if _norm(word) in wanted:
+            return k + 1
+    return None
+
+
+def _fallback_spans(
+    spans: list[tuple[int, int]], kind: str, placed: Sequence[Placed], after: int | None, ner: NerSpec
+) -> list[tuple[int, int]]:
+    """Where an entity without a usable position goes, among the occurrences of its text."""
+    if after is not None and any(s >= after for s, _ in spans):
+        spans = [(s, e) for s, e in spans if s >= after]
+    if ner.unplaced == "all":
+        return spans
+    taken = [(p.start, p.end) for p in placed if split_label(p.label, numbered=ner.numbered)[1] == kind]
+    free = [(s, e) for s, e in spans if not any(s < te and ts < e for ts, te in taken)]
+    return (free or spans)[:1]
+
+
 def place_entities(entities: Sequence[Mapping[str, Any]], words: Sequence[str], tf: Taskfile) -> list[Placed]:
-    """Resolve each entity to word spans: its own position when usable, else the Taskfile's fallback."""
-    assert tf.ner is not None
+    """Resolve each entity to word spans: its own position when usable, else the Taskfile's fallback
+    (after every positioned entity, so a fallback can avoid occurrences another item already holds)."""
+    ner = tf.ner
+    assert ner is not None
     placed: list[Placed] = []
+    unplaced: list[tuple[str, str, str]] = []
     for ent in entities:
         target = _norm(str(ent.get("text", "")))
-        label = str(ent["type"])
-        if tf.ner.numbered:
-            label = f"{ent['item']}-{label}"
-        span = _span_from_position(ent, words, target, tf.ner.max_text_chars)
+        kind = str(ent["type"])
+        label = f"{ent['item']}-{kind}" if ner.numbered else kind
+        span = _span_from_position(ent, words, target, ner.max_text_chars)
         if span is not None:
             placed.append(Placed(span[0], span[1], label))
-            continue
-        spans = find_spans(words, target)
-        if tf.ner.unplaced == "first":
-            spans = spans[:1]
+        else:
+            unplaced.append((target, kind, label))
+    after = marker_end(words, ner.unplaced_after) if ner.unplaced_after else None
+    for target, kind, label in unplaced:
+        spans = _fallback_spans(find_spans(words, target), kind, placed, after, ner)
         placed += [Placed(s, e, label) for s, e in spans]
     return placed
 
@@ -234,17 +304,15 @@ def blend_with_vote(
             out.append(float((1.0 - weight) * pred + weight * float(votes[i])))
         elif field.type == "label":
             labels = list(field.labels or ())
-            lik = likelihoods.get(field.name) or {}
-            scores = [lik.get(orjson.dumps(lab).decode(), -math.inf) for lab in labels]
-            top = max(scores) if scores else -math.inf
-            if math.isfinite(top):
-                exp = [math.exp(s - top) for s in scores]
-                model_p = [e / sum(exp) for e in exp]
-            else:
+            model_p = label_probabilities(likelihoods.get(field.name), labels)
+            if model_p is None:
                 model_p = [1.0 if lab == pred else 0.0 for lab in labels]
             share = shares[i] if i < len(shares) else {}
             mixed = [(1.0 - weight) * p + weight * share.get(lab, 0.0) for p, lab in zip(model_p, labels, strict=True)]
-            out.append(labels[max(range(len(labels)), key=lambda j: (mixed[j], -j))])
+            if field.decision == "min_expected_cost":
+                out.append(min_expected_cost_label(mixed, labels))
+            else:
+                out.append(labels[max(range(len(labels)), key=lambda j: (mixed[j], -j))])
         else:
             out.append(pred)
     return out if multi else out[0]

@@ -6,8 +6,10 @@ reuses it after the first report. Reports stay in their own language.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -15,7 +17,8 @@ from extractor.backend import ChatTokenizer, Message, Request
 from extractor.dragon_io import Case
 from extractor.gold import label_to_answer
 from extractor.schema import REASONING_FIELD, answer_schema, score_choices
-from extractor.taskfiles import OutputField, Taskfile
+from extractor.taskfiles import NerSpec, OutputField, Taskfile
+from extractor.tasktypes import ValueKind
 
 SYSTEM_PREAMBLE = (
     "You are a careful clinical data abstractor. You read one medical report at a time and answer "
@@ -26,10 +29,16 @@ SAFETY_MARGIN_TOKENS = 8
 
 
 def _describe_field(field: OutputField, tf: Taskfile) -> str:
+    meanings: list[str] = []
     if field.type == "boolean":
         kind = "true or false"
     elif field.type == "label":
         kind = "one of " + ", ".join(orjson.dumps(lab).decode() for lab in field.labels or ())
+        meanings = [
+            f"  - {orjson.dumps(lab).decode()}: {field.label_descriptions[lab]}"
+            for lab in field.labels or ()
+            if lab in field.label_descriptions
+        ]
     elif field.type == "number":
         kind = "a number" + (", or null when the report does not give it" if field.nullable else "")
     else:
@@ -43,7 +52,19 @@ def _describe_field(field: OutputField, tf: Taskfile) -> str:
     text = f'- "{field.name}": {kind}.'
     if field.description:
         text += f" {field.description}"
-    return text
+    return "\n".join([text, *meanings])
+
+
+def entity_type_lines(ner: NerSpec) -> list[str]:
+    """One line per entity type of the job (its training tags), with the Taskfile's description;
+    spellings of one type share a line, and descriptions of types the job lacks are left out."""
+    lines = []
+    for tags, desc in ner.described_types():
+        name = " or ".join(tags)
+        if len(tags) > 1:
+            name += " (the training data spell this type in more than one way; follow the examples)"
+        lines.append(f"- {name}: {desc}" if desc else f"- {name}")
+    return lines
 
 
 def system_prompt(tf: Taskfile, *, reasoning: bool) -> str:
@@ -51,7 +72,7 @@ def system_prompt(tf: Taskfile, *, reasoning: bool) -> str:
     lines = [SYSTEM_PREAMBLE, "", "Task:", tf.instructions.strip(), ""]
     if tf.ner is not None and tf.ner.type_descriptions:
         lines.append("Entity types:")
-        lines += [f"- {name}: {desc}" for name, desc in tf.ner.type_descriptions.items()]
+        lines += entity_type_lines(tf.ner)
         lines.append("")
     if tf.input.kind == "words":
         lines.append(
@@ -96,10 +117,13 @@ def render_example(case: Case, tf: Taskfile, side: str) -> tuple[str, str]:
     exact JSON answer the model should give for it (without reasoning: none is known)."""
     limit = tf.examples.max_chars
     answer = label_to_answer(case.label, case.parts, tf)
+    by_answer = tf.examples.window == "answer"
     if tf.input.kind == "words":
         words = case.parts or ()
-        first, last = 0, len(words)
-        while last - first > 1 and len(render_case(words[first:last], None, tf, first)) > limit:
+        spans = [(e["start"], e["end"] + 1) for e in answer[tf.fields[0].name]]
+        window = answer_word_window(words, spans, limit) if by_answer else None
+        first, last = window or (0, len(words))
+        while window is None and last - first > 1 and len(render_case(words[first:last], None, tf, first)) > limit:
             if side == "left":
                 first += 1
             else:
@@ -110,17 +134,85 @@ def render_example(case: Case, tf: Taskfile, side: str) -> tuple[str, str]:
     elif case.parts is not None and case.text is None:
         parts = list(case.parts)
         if parts:
-            parts[-1] = _cut_chars(parts[-1], max(limit - sum(len(p) for p in parts[:-1]), 1), side)
+            room = max(limit - sum(len(p) for p in parts[:-1]), 1)
+            evidence = answer_evidence(parts[-1], case.label, tf) if by_answer else []
+            parts[-1] = _cut_chars(parts[-1], room, side, evidence)
         text = render_case(parts, None, tf)
     else:
-        text = _cut_chars(case.text or "", limit, side)
+        evidence = answer_evidence(case.text or "", case.label, tf) if by_answer else []
+        text = _cut_chars(case.text or "", limit, side, evidence)
     return text, orjson.dumps(answer).decode()
 
 
-def _cut_chars(text: str, limit: int, side: str) -> str:
+def _cut_chars(text: str, limit: int, side: str, evidence: Sequence[tuple[int, int]] = ()) -> str:
+    """The first or last `limit` characters, or, given evidence spans, the window holding most of them."""
     if len(text) <= limit:
         return text
+    if evidence:
+        start = best_window(evidence, limit, len(text))
+        return text[start : start + limit]
     return text[len(text) - limit :] if side == "left" else text[:limit]
+
+
+def number_forms(value: float) -> set[str]:
+    """How a report may write a number: up to three decimals, with a decimal point or comma."""
+    forms = set()
+    for decimals in range(4):
+        written = f"{value:.{decimals}f}"
+        if abs(float(written) - value) <= 1e-9 * max(1.0, abs(value)):
+            forms |= {written, written.replace(".", ",")}
+    return forms
+
+
+def answer_evidence(text: str, label: Any, tf: Taskfile) -> list[tuple[int, int]]:
+    """Character spans of `text` the answer comes from: where a number label is written, else
+    where the Taskfile's anchor words occur (case-insensitive). Empty when neither is found."""
+    spans: list[tuple[int, int]] = []
+    if tf.task_type.kind is ValueKind.NUMBER:
+        for value in label if tf.task_type.multi else [label]:
+            if value is None:
+                continue
+            for form in number_forms(float(value)):
+                pattern = rf"(?<![\d.,]){re.escape(form)}(?![\d]|[.,]\d)"
+                spans += [m.span() for m in re.finditer(pattern, text)]
+    if not spans:
+        for anchor in tf.examples.anchors:
+            spans += [m.span() for m in re.finditer(re.escape(anchor), text, flags=re.IGNORECASE)]
+    return sorted(set(spans))
+
+
+def best_window(spans: Sequence[tuple[int, int]], limit: int, length: int) -> int:
+    """Start of the window of `limit` positions (out of `length`) holding the most spans whole;
+    each candidate window opens a quarter of its width before a span, the earliest wins ties."""
+    margin = limit // 4
+    best_start, best_count = 0, -1
+    for span_start, _ in sorted(spans):
+        start = min(max(span_start - margin, 0), max(length - limit, 0))
+        count = sum(start <= s and e <= start + limit for s, e in spans)
+        if count > best_count:
+            best_start, best_count = start, count
+    return best_start
+
+
+def answer_word_window(words: Sequence[str], spans: Sequence[tuple[int, int]], limit: int) -> tuple[int, int] | None:
+    """The run of numbered words, rendered within `limit` characters, holding the most entities
+    whole (spans are word ranges, end exclusive); None when all fits or there is no entity."""
+    sizes = [len(f"[{i}]{w}") + 1 for i, w in enumerate(words)]
+    if not spans or sum(sizes) - 1 <= limit:
+        return None
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+    best: tuple[int, int, int] | None = None
+    for first in sorted({max(s - 3, 0) for s, _ in spans} | {0}):
+        last = first + 1
+        while last < len(words) and prefix[last + 1] - prefix[first] - 1 <= limit:
+            last += 1
+        count = sum(first <= s and e <= last for s, e in spans)
+        if best is None or count > best[0]:
+            best = (count, first, last)
+    assert best is not None
+    return best[1], best[2]
 
 
 ExamplePicker = Callable[[Case], Sequence[Case]]

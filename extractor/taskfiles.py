@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -46,15 +47,26 @@ class OutputField(BaseModel):
     type: Literal["boolean", "label", "number", "entities"]
     description: str = ""
     labels: tuple[str, ...] | None = None
+    # What a label means, keyed by label: rendered for the job's (training) labels only, so a
+    # description of a label the job does not have never reaches the prompt.
+    label_descriptions: dict[str, str] = {}
+    # "most_likely": the label with the highest likelihood. "min_expected_cost": the label with the
+    # lowest expected linear cost |rank - true rank| under the label likelihoods (ordinal labels
+    # scored by linearly weighted kappa); ranks follow dragon-eval's order (see `ordinal_ranks`).
+    decision: Literal["most_likely", "min_expected_cost"] = "most_likely"
     nullable: bool = False
-    missing_value: float = 0.0
+    # The value written when a number field has no answer; "median" is the training median of
+    # this position, resolved when the Taskfile is fitted to the job (`fit_to_training`).
+    missing_value: float | Literal["median"] = 0.0
 
     @model_validator(mode="after")
     def _labels_for_label_fields(self) -> OutputField:
         if self.type == "label" and not self.labels:
             raise ValueError(f"field {self.name!r}: a 'label' field needs a non-empty 'labels' list")
-        if self.type != "label" and self.labels:
-            raise ValueError(f"field {self.name!r}: only 'label' fields take 'labels'")
+        if self.type != "label" and (self.labels or self.label_descriptions or self.decision != "most_likely"):
+            raise ValueError(f"field {self.name!r}: only 'label' fields take labels, label_descriptions, decision")
+        if self.type != "number" and self.missing_value == "median":
+            raise ValueError(f"field {self.name!r}: missing_value 'median' is for 'number' fields")
         return self
 
 
@@ -85,6 +97,12 @@ class Examples(BaseModel):
     strategy: Literal["none", "retrieved", "fixed"] = "retrieved"
     k: int = Field(default=4, ge=0, le=32)
     max_chars: int = Field(default=1200, ge=50, le=20000)
+    # Which part of a long example is kept. "side": cut on the job's truncation side (the report's
+    # start survives a right truncation). "answer": the window of `max_chars` holding the most
+    # places the answer comes from (an entity; a number's written value; else an `anchors` word),
+    # so an example never shows a report whose answer was cut away.
+    window: Literal["side", "answer"] = "side"
+    anchors: tuple[str, ...] = ()
 
 
 class NerSpec(BaseModel):
@@ -94,12 +112,43 @@ class NerSpec(BaseModel):
 
     entity_types: tuple[str, ...]
     type_descriptions: dict[str, str] = {}
+    # Other spellings of a described type, as the data may write it: {"<RAPPORT-ID>": "<RAPPORT_ID>"}
+    # lets a training tag `<RAPPORT-ID>` take the description of `<RAPPORT_ID>`.
+    type_aliases: dict[str, str] = {}
     numbered: bool = False  # tags read B-{item}-{type} (multi-label NER)
     item_min: int = 0
     item_max: int = 9
+    # Where an entity goes when its own position is unusable: every occurrence of its text, or
+    # the first one not already taken by the same type; `unplaced_after` (marker words such as
+    # "CONCLUSIE", case-insensitive) makes occurrences after the first marker word win.
     unplaced: Literal["all", "first"] = "all"
+    unplaced_after: tuple[str, ...] = ()
     max_entities: int = Field(default=48, ge=1, le=512)
     max_text_chars: int = Field(default=120, ge=1, le=2000)
+
+    @model_validator(mode="after")
+    def _aliases_name_described_types(self) -> NerSpec:
+        for alias, target in self.type_aliases.items():
+            if target not in self.type_descriptions:
+                raise ValueError(f"type_aliases: {alias!r} points to {target!r}, which has no type_descriptions entry")
+            if alias in self.type_descriptions:
+                raise ValueError(f"type_aliases: {alias!r} has its own type_descriptions entry")
+        return self
+
+    def canonical(self, tag: str) -> str:
+        """The described type a tag spelling stands for (itself when it is no alias)."""
+        return self.type_aliases.get(tag, tag)
+
+    def description_for(self, tag: str) -> str | None:
+        return self.type_descriptions.get(self.canonical(tag))
+
+    def described_types(self) -> list[tuple[tuple[str, ...], str | None]]:
+        """The job's entity types grouped by the description they share (spellings of one type
+        together), in `entity_types` order; None where a type has no description."""
+        groups: dict[str, list[str]] = {}
+        for tag in self.entity_types:
+            groups.setdefault(self.canonical(tag), []).append(tag)
+        return [(tuple(tags), self.type_descriptions.get(key)) for key, tags in groups.items()]
 
 
 class Taskfile(BaseModel):
@@ -217,8 +266,59 @@ def _ner_from_training(train: tuple[Case, ...], ttype: TaskType, base: NerSpec |
     return NerSpec.model_validate(fields)
 
 
+def training_medians(train: tuple[Case, ...], ttype: TaskType) -> list[float | None]:
+    """Per label position of a regression task, the median of the training values (None if none)."""
+    if ttype.kind is not ValueKind.NUMBER:
+        return []
+    columns = [list(c.label) if ttype.multi else [c.label] for c in train]
+    width = max((len(col) for col in columns), default=0)
+    medians: list[float | None] = []
+    for i in range(width):
+        values = [float(col[i]) for col in columns if i < len(col) and col[i] is not None]
+        medians.append(float(statistics.median(values)) if values else None)
+    return medians
+
+
+def resolve_missing_values(tf: Taskfile, train: tuple[Case, ...]) -> Taskfile:
+    """Turn `missing_value: "median"` into the training median of the field's position."""
+    if not any(f.missing_value == "median" for f in tf.fields):
+        return tf
+    medians = training_medians(train, tf.task_type)
+    fields = []
+    for i, field in enumerate(tf.fields):
+        if field.missing_value == "median":
+            median = medians[i] if i < len(medians) else None
+            if median is None:
+                log.warning("field %s: no training values for missing_value 'median'; using 0", field.name)
+                median = 0.0
+            log.info("field %s: missing_value = training median %g", field.name, median)
+            field = field.model_copy(update={"missing_value": median})
+        fields.append(field)
+    return tf.model_copy(update={"fields": tuple(fields)})
+
+
+def _log_descriptions(ner: NerSpec, source: str) -> None:
+    """Say which training tags the Taskfile does not describe, and which descriptions go unused."""
+    if not ner.type_descriptions:
+        return
+    undescribed = [t for t in ner.entity_types if ner.description_for(t) is None]
+    if undescribed:
+        log.warning(
+            "%s: training tags %s have no description (type_descriptions or type_aliases); "
+            "the prompt names them without saying what they mean",
+            source,
+            undescribed,
+        )
+    used = {ner.canonical(t) for t in ner.entity_types}
+    unused = sorted(set(ner.type_descriptions) - used)
+    if unused:
+        log.info("%s: described types %s do not occur in training and are left out of the prompt", source, unused)
+
+
 def fit_to_training(tf: Taskfile, train: tuple[Case, ...]) -> Taskfile:
-    """Make the Taskfile's label inventory the training set's: the job's labels win, and the log says so."""
+    """Make the Taskfile's label inventory the training set's: the job's labels win, and the log says so.
+    Training medians replace `missing_value: "median"`."""
+    tf = resolve_missing_values(tf, train)
     ttype = tf.task_type
     if not train:
         return tf
@@ -240,6 +340,9 @@ def fit_to_training(tf: Taskfile, train: tuple[Case, ...]) -> Taskfile:
                 )
                 ordered = [lab for lab in declared if lab in seen] + sorted(set(seen) - set(declared))
                 field = field.model_copy(update={"labels": tuple(ordered)})
+            undescribed = [lab for lab in field.labels or () if lab not in field.label_descriptions]
+            if field.label_descriptions and undescribed:
+                log.warning("field %s: training labels %s have no label description", field.name, undescribed)
             fields.append(field)
         return tf.model_copy(update={"fields": tuple(fields)})
     if ttype.multi and not ttype.is_ner:
@@ -262,6 +365,7 @@ def fit_to_training(tf: Taskfile, train: tuple[Case, ...]) -> Taskfile:
                 ner.item_max,
                 list(tf.ner.entity_types),
             )
+        _log_descriptions(ner, tf.source or "taskfile")
         return tf.model_copy(update={"ner": ner})
     return tf
 

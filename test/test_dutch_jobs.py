@@ -12,7 +12,8 @@ from conftest import FIXTURES, REPO, needs_model
 
 from extractor import evaluate
 from extractor.dragon_io import load_job
-from extractor.taskfiles import NUMBERED_TAG, load_taskfiles, taskfile_for_job
+from extractor.prompts import system_prompt
+from extractor.taskfiles import NUMBERED_TAG, load_taskfiles, taskfile_for_job, training_tags
 from extractor.tasktypes import ValueKind
 
 DUTCH = FIXTURES / "dutch"
@@ -98,6 +99,48 @@ def test_job_loads_and_fits_its_taskfile(job_dir: Path) -> None:
             assert {v for label in test_labels for v in label} == {True, False}
     if ttype.kind is ValueKind.NUMBER and not ttype.multi:
         assert all(isinstance(v, float) for v in test_labels)
+
+
+def prompt_section(prompt: str, title: str) -> list[str]:
+    """The lines of one '<title>:' block of a system prompt, up to the blank line after it."""
+    lines = prompt.splitlines()
+    start = lines.index(f"{title}:") + 1
+    end = lines.index("", start)
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("job_dir", JOB_DIRS, ids=lambda d: d.name[:7])
+def test_prompt_describes_every_training_tag_and_no_absent_one(job_dir: Path) -> None:
+    """The prompt, rendered from the job's fitted Taskfile, gives every training tag (NER types,
+    or labels of fields with label descriptions) a description, and describes nothing else."""
+    job = load_job(job_dir)
+    declared = load_taskfiles(TASKFILES)[job.config.task_name]
+    tf = taskfile_for_job(job.config, job.train, load_taskfiles(TASKFILES))
+    prompt = system_prompt(tf, reasoning=True)
+    if tf.ner is not None:
+        seen = {NUMBERED_TAG.sub(r"\2", tag) for tag in training_tags(job.train, job.task_type)}
+        assert set(tf.ner.entity_types) == seen
+        if not declared.ner.type_descriptions:
+            return
+        described: set[str] = set()
+        for line in prompt_section(prompt, "Entity types"):
+            names, _, desc = line.removeprefix("- ").partition(": ")
+            tags = set(names.split(" (")[0].split(" or "))
+            assert desc, f"{sorted(tags)} without a description"
+            described |= tags
+        assert described == seen, f"described {sorted(described)}, training tags {sorted(seen)}"
+        for key, desc in declared.ner.type_descriptions.items():
+            if key not in {tf.ner.canonical(t) for t in seen}:
+                assert desc not in prompt, f"{key}: described but absent from training"
+        return
+    for field in tf.fields:
+        if not field.label_descriptions:
+            continue
+        for label in field.labels or ():
+            assert f"  - {orjson.dumps(label).decode()}: " in prompt, f"{field.name}: {label!r} not described"
+        for label, desc in field.label_descriptions.items():
+            if label not in (field.labels or ()):
+                assert f"  - {orjson.dumps(label).decode()}: {desc}" not in prompt, f"{label!r} absent but described"
 
 
 def test_oracle_scores_one_on_every_dutch_task(tmp_path: Path, capsys) -> None:

@@ -141,3 +141,94 @@ def test_gold_ner_round_trip_keeps_repeats_untagged() -> None:
     tags = ["B-lesion", "O", "O", "O", "O"]
     tf = ner_tf()
     assert to_prediction(label_to_answer(tags, words, tf), {}, tf, words) == tags
+
+
+def mc_field(decision: str = "min_expected_cost", labels=("0", "1", "2", "3", "4")):
+    from extractor.taskfiles import OutputField
+
+    return OutputField(name="count", type="label", labels=tuple(labels), decision=decision)
+
+
+def logs(probs: dict[str, float]) -> dict[str, float]:
+    return {f'"{lab}"': math.log(p) if p > 0 else -math.inf for lab, p in probs.items()}
+
+
+def test_ordinal_decision_takes_the_weighted_median_not_the_mode() -> None:
+    from extractor.postprocess import field_value
+
+    lik = logs({"0": 0.4, "1": 0.0, "2": 0.3, "3": 0.0, "4": 0.3})
+    # expected linear cost: 0 -> 1.8, 1 -> 1.6, 2 -> 1.4, 3 -> 1.8, 4 -> 2.2
+    assert field_value(mc_field(), "0", lik) == "2"
+    assert field_value(mc_field("most_likely"), "0", lik) == "0"
+    assert field_value(mc_field(), "3", None) == "3"  # no likelihoods: the answer stands
+
+
+def test_ordinal_ranks_follow_dragon_evals_sorted_labels() -> None:
+    from extractor.postprocess import min_expected_cost_label, ordinal_ranks
+
+    labels = ["neutral", "contradiction", "entailment"]
+    assert ordinal_ranks(labels) == {"contradiction": 0, "entailment": 1, "neutral": 2}
+    # half on each end of the sorted order: the middle label (entailment) costs least
+    assert min_expected_cost_label([0.45, 0.45, 0.10], labels) == "entailment"
+
+
+def test_blend_uses_the_fields_decision_rule() -> None:
+    from extractor.postprocess import blend_with_vote
+
+    tf = Taskfile.model_validate(
+        dict(
+            task_names=["T"],
+            label_name="single_label_multi_class_classification_target",
+            instructions="x",
+            fields=[{"name": "count", "type": "label", "labels": ["0", "1", "2"], "decision": "min_expected_cost"}],
+        )
+    )
+    lik = {"count": logs({"0": 0.5, "1": 0.0, "2": 0.5})}
+    assert blend_with_vote("0", lik, "1", [{"1": 1.0}], 0.2, tf) == "1"
+
+
+def test_unresolved_median_is_a_clear_error() -> None:
+    from extractor.postprocess import field_value
+    from extractor.taskfiles import OutputField
+
+    field = OutputField(name="v", type="number", nullable=True, missing_value="median")
+    with pytest.raises(ValueError, match="not resolved from the training set"):
+        field_value(field, None, None)
+
+
+def marker_tf(**ner) -> Taskfile:
+    return Taskfile.model_validate(
+        dict(
+            task_names=["T"],
+            label_name="multi_label_named_entity_recognition_target",
+            instructions="x",
+            input={"kind": "words"},
+            fields=[{"name": "entities", "type": "entities"}],
+            ner={"entity_types": ["BCC"], "numbered": True, "unplaced": "first", **ner},
+        )
+    )
+
+
+WORDS = "MICROSCOPIE : bcc groei . CONCLUSIE : I bcc . II bcc .".split()
+
+
+def test_unplaced_entity_prefers_an_occurrence_after_the_marker_word() -> None:
+    lost = [{"start": 99, "text": "bcc", "end": 99, "type": "BCC", "item": 1}]
+    assert entities_to_tags(lost, WORDS, marker_tf())[2] == ["B-1-BCC"]  # first occurrence: the microscopy
+    tags = entities_to_tags(lost, WORDS, marker_tf(unplaced_after=["conclusie"]))
+    assert tags[2] == ["O"] and tags[8] == ["B-1-BCC"]
+
+
+def test_unplaced_first_skips_occurrences_another_item_holds() -> None:
+    ents = [
+        {"start": 8, "text": "bcc", "end": 8, "type": "BCC", "item": 1},
+        {"start": 99, "text": "bcc", "end": 99, "type": "BCC", "item": 2},
+    ]
+    tags = entities_to_tags(ents, WORDS, marker_tf(unplaced_after=["CONCLUSIE"]))
+    assert tags[8] == ["B-1-BCC"] and tags[11] == ["B-2-BCC"] and tags[2] == ["O"]
+
+
+def test_no_marker_in_the_report_falls_back_to_every_occurrence() -> None:
+    lost = [{"start": 99, "text": "bcc", "end": 99, "type": "BCC", "item": 1}]
+    words = ["bcc", "x", "bcc"]
+    assert entities_to_tags(lost, words, marker_tf(unplaced_after=["CONCLUSIE"]))[0] == ["B-1-BCC"]

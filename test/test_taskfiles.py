@@ -126,3 +126,66 @@ def test_readme_lists_every_shipped_taskfile() -> None:
     readme = (REPO / "README.md").read_text()
     for name in load_taskfiles(REPO / "taskfiles"):
         assert f"| {name} |" in readme, f"{name} missing from the README's Taskfile table"
+
+
+REG = "single_label_regression_target"
+NER = "named_entity_recognition_target"
+
+
+def test_median_missing_value_becomes_the_training_median(tmp_path: Path) -> None:
+    (tmp_path / "tf").mkdir()
+    field = {"name": "v", "type": "number", "nullable": True, "missing_value": "median"}
+    tf_data = taskfile_dict(label_name=REG, fields=[field])
+    (tmp_path / "tf" / "t.json").write_bytes(orjson.dumps(tf_data))
+    train = [{"uid": str(i), "text": "x", REG: v} for i, v in enumerate([3.0, 10.0, 4.0, 100.0, 5.0])]
+    job = load_job(write_job(tmp_path / "job", label_name=REG, train=train, test=[]))
+    tf = taskfile_for_job(job.config, job.train, load_taskfiles(tmp_path / "tf"))
+    assert tf.fields[0].missing_value == 5.0
+
+
+def test_median_is_only_for_number_fields(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    field = {"name": "organ", "type": "label", "labels": ["a"], "missing_value": "median"}
+    path.write_bytes(orjson.dumps(taskfile_dict(fields=[field])))
+    with pytest.raises(TaskfileError, match="missing_value 'median' is for 'number' fields"):
+        load_taskfile(path)
+
+
+def ner_dict(**ner) -> dict:
+    return taskfile_dict(
+        label_name=NER,
+        input={"kind": "words"},
+        fields=[{"name": "entities", "type": "entities"}],
+        ner={"entity_types": ["<A_B>"], "type_descriptions": {"<A_B>": "an a-b"}, **ner},
+    )
+
+
+def test_an_alias_must_name_a_described_type(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_bytes(orjson.dumps(ner_dict(type_aliases={"<A-B>": "<C>"})))
+    with pytest.raises(TaskfileError, match="has no type_descriptions entry"):
+        load_taskfile(path)
+
+
+def test_training_spellings_take_their_aliases_descriptions_and_gaps_are_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "tf").mkdir()
+    (tmp_path / "tf" / "t.json").write_bytes(orjson.dumps(ner_dict(type_aliases={"<A-B>": "<A_B>"})))
+    words = ["w1", "w2", "w3"]
+    train = [{"uid": "a", "text_parts": words, NER: ["B-<A-B>", "O", "B-<NEW>"]}]
+    job = load_job(write_job(tmp_path / "job", label_name=NER, input_name="text_parts", train=train, test=[]))
+    with caplog.at_level(logging.INFO):
+        tf = taskfile_for_job(job.config, job.train, load_taskfiles(tmp_path / "tf"))
+    assert tf.ner is not None and tf.ner.entity_types == ("<A-B>", "<NEW>")
+    assert tf.ner.described_types() == [(("<A-B>",), "an a-b"), (("<NEW>",), None)]
+    assert "training tags ['<NEW>'] have no description" in caplog.text
+
+
+def test_label_descriptions_and_decisions_are_for_label_fields_only(tmp_path: Path) -> None:
+    for extra in ({"label_descriptions": {"x": "y"}}, {"decision": "min_expected_cost"}):
+        path = tmp_path / "bad.json"
+        field = {"name": "v", "type": "number", **extra}
+        path.write_bytes(orjson.dumps(taskfile_dict(label_name=REG, fields=[field])))
+        with pytest.raises(TaskfileError, match="only 'label' fields take labels"):
+            load_taskfile(path)

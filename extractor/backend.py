@@ -92,10 +92,40 @@ class ChatTokenizer(Protocol):
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
 
-class Backend(Protocol):
+class Generator(Protocol):
+    """What the generation loop needs: requests in, one result per request out."""
+
     name: str
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Result]: ...
+
+
+class Backend(Generator, Protocol):
+    """A generator the pipeline starts and stops: what every backend declares it offers."""
+
+    n_ctx: int | None  # the context it settled for (None: no model, no limit)
+    n_seq: int  # requests decoded together, for sizing chunks
+    closed: bool
+
+    def close(self) -> None:
+        """Free the model's memory; a closed backend is started anew when needed."""
+
+    def figures(self) -> dict[str, Any]:
+        """Counters for the run summary (engine timings); empty for backends without a model."""
+
+
+class ModelFree:
+    """The Backend capabilities of a backend that runs no model."""
+
+    n_ctx: int | None = None
+    n_seq: int = 1
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def figures(self) -> dict[str, Any]:
+        return {}
 
 
 class PlainTokenizer:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from extractor.backend import Backend, Request, Result, StopRequested, check_stop
+from extractor.backend import Generator, Request, Result, StopRequested, check_stop
 from extractor.dragon_io import Case
 from extractor.prompts import PromptBuilder
 from extractor.schema import AnswerError, parse_answer
@@ -46,10 +46,16 @@ class CaseAnswer:
     prompt_tokens: int = 0
     output_tokens: int = 0
     truncated: bool = False
+    level: int = 0  # the LEVELS index it was made at: above 0, the time budget cut something
 
     @property
     def ok(self) -> bool:
         return self.answer is not None
+
+    @property
+    def full_quality(self) -> bool:
+        """Answered as configured: the only kind a rerun with more time may reuse."""
+        return self.ok and self.level == 0
 
 
 @dataclass
@@ -107,7 +113,7 @@ class TimeBudget:
 def answer_cases(
     cases: Sequence[Case],
     builder: PromptBuilder,
-    backend: Backend,
+    backend: Generator,
     *,
     on_result: Callable[[CaseAnswer], None] | None = None,
     budget: TimeBudget | None = None,
@@ -160,7 +166,7 @@ def answer_cases(
 def _answer_chunk(
     chunk: Sequence[Case],
     builder: PromptBuilder,
-    backend: Backend,
+    backend: Generator,
     level: int,
     answers: dict[str, CaseAnswer],
     stats: GenerationStats,
@@ -207,13 +213,14 @@ def _answer_chunk(
             if number == 1:
                 stats.truncated += p.truncated
                 stats.examples += p.examples
+        schemas = {r.uid: r.schema for r in requests}
         failed: list[Case] = []
         engine_failed.clear()
         for result in _generate(backend, requests):
             check_stop()
             case = by_uid[result.uid]
             entry = answers.setdefault(result.uid, CaseAnswer(uid=result.uid))
-            entry.attempts = number
+            entry.attempts, entry.level = number, level
             entry.prompt_tokens += result.prompt_tokens
             entry.output_tokens += result.output_tokens
             stats.prompt_tokens += result.prompt_tokens
@@ -224,7 +231,7 @@ def _answer_chunk(
                     raise AnswerError(result.error)
                 if not result.finished:
                     raise AnswerError(f"token budget exhausted after {result.output_tokens} tokens")
-                entry.answer = parse_answer(result.text, tf)
+                entry.answer = parse_answer(result.text, schemas[result.uid])
                 entry.likelihoods = result.likelihoods
                 entry.error = None
                 stats.answered += 1
@@ -242,7 +249,7 @@ def _answer_chunk(
             on_result(answers[case.uid])
 
 
-def _generate(backend: Backend, requests: Iterable[Request]):
+def _generate(backend: Generator, requests: Iterable[Request]):
     """Run the backend; a crash inside it fails the whole batch as errors rather than the job."""
     requests = list(requests)
     seen: set[str] = set()
@@ -251,7 +258,7 @@ def _generate(backend: Backend, requests: Iterable[Request]):
             seen.add(result.uid)
             yield result
     except Exception as err:  # noqa: BLE001 - one bad batch never kills a job
-        log.exception("backend %s failed", getattr(backend, "name", "?"))
+        log.exception("backend %s failed", backend.name)
         for req in requests:
             if req.uid not in seen:
                 yield Result(uid=req.uid, text="", error=f"backend error: {err}")

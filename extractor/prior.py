@@ -8,10 +8,21 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from extractor.dragon_io import Case
 from extractor.tasktypes import TaskType, ValueKind
+
+
+class Fallback(Protocol):
+    """The answer for a case the model did not answer: a constant, a vote, a trained head."""
+
+    name: str
+
+    def __call__(self, case: Case) -> Any: ...
+
+    def shares(self, case: Case) -> list[dict[Any, float]] | None:
+        """Per label position, each label's share (what a blend mixes in); None when it has none."""
 
 
 def _column(labels: Sequence[Any], ttype: TaskType, kind: ValueKind) -> Any:
@@ -26,6 +37,8 @@ def _column(labels: Sequence[Any], ttype: TaskType, kind: ValueKind) -> Any:
 
 class TrainingPrior:
     """Per-task constant answers learned from the training labels (NER: all "O")."""
+
+    name = "prior"
 
     def __init__(self, train: Sequence[Case], ttype: TaskType) -> None:
         self.ttype = ttype
@@ -44,3 +57,6 @@ class TrainingPrior:
             n = len(case.parts or ())
             return [["O"] for _ in range(n)] if self.ttype.multi else ["O"] * n
         return list(self.value) if self.ttype.multi else self.value
+
+    def shares(self, case: Case) -> None:
+        return None  # a constant has nothing to blend

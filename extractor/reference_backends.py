@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from extractor.backend import Request, Result
+from extractor.backend import ModelFree, Request, Result
 from extractor.dragon_io import Case, JobError
 from extractor.gold import label_to_answer
 from extractor.schema import REASONING_FIELD
@@ -34,7 +34,7 @@ def load_ground_truth(path: Path, label_name: str) -> dict[str, Any]:
     return truth
 
 
-class OracleBackend:
+class OracleBackend(ModelFree):
     """Answers every request with the ground truth, as a perfect model would write it."""
 
     name = "oracle"
@@ -59,7 +59,7 @@ class OracleBackend:
             )
 
 
-class PriorBackend:
+class PriorBackend(ModelFree):
     """Gives no answer, so the pipeline's fallback (the training prior) answers every case."""
 
     name = "prior"

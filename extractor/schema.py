@@ -1,16 +1,27 @@
 """The answer a Taskfile asks for: its JSON schema (for the grammar) and its validation.
 
-The schema is written out by hand, flat and without `$ref`/`anyOf`, because the llama.cpp
-schema-to-grammar converter handles exactly that shape reliably. The same Taskfile also yields
-a pydantic model that validates what comes back.
+The JSON schema is the one definition: written flat and without `$ref`/`anyOf`, because the
+llama.cpp schema-to-grammar converter handles exactly that shape reliably, and the pydantic model
+that validates what comes back is derived from that same schema.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
 
 from extractor.taskfiles import NerSpec, OutputField, Taskfile
 
@@ -84,65 +95,67 @@ def score_choices(tf: Taskfile) -> dict[str, tuple[str, ...]]:
     return choices
 
 
-class _Entity(BaseModel):
-    """One entity: first and last word number (inclusive), its words as written, its type."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    start: int | None = Field(default=None, ge=0)
-    text: str
-    end: int | None = Field(default=None, ge=0)
-    type: str
-    item: int | None = None
+_MODELS: dict[bytes, type[BaseModel]] = {}
 
 
-_MODELS: dict[str, type[BaseModel]] = {}
-
-
-def _answer_model(tf: Taskfile) -> type[BaseModel]:
-    key = tf.digest()
+def answer_model(schema: Mapping[str, Any]) -> type[BaseModel]:
+    """The pydantic model that validates answers to `schema`, derived from the schema itself, so
+    what the grammar allows and what validation accepts cannot drift apart."""
+    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
     if key not in _MODELS:
-        _MODELS[key] = _build_answer_model(tf)
+        _MODELS[key] = _object_model("Answer", schema)
     return _MODELS[key]
 
 
-def _build_answer_model(tf: Taskfile) -> type[BaseModel]:
+def _object_model(name: str, schema: Mapping[str, Any]) -> type[BaseModel]:
+    required = set(schema.get("required", ()))
     fields: dict[str, Any] = {}
-    for field in tf.fields:
-        if field.type == "boolean":
-            fields[field.name] = (bool, ...)
-        elif field.type == "label":
-            fields[field.name] = (Literal[tuple(field.labels or ())], ...)  # type: ignore[misc]
-        elif field.type == "number":
-            fields[field.name] = ((float | None) if field.nullable else float, ...)
-        else:
-            ner = tf.ner
-            assert ner is not None
-            entity = create_model(
-                "Entity",
-                __base__=_Entity,
-                type=(Literal[tuple(ner.entity_types)], ...),  # type: ignore[misc]
-                text=(str, Field(min_length=1, max_length=ner.max_text_chars)),
-                item=(int, Field(ge=ner.item_min, le=ner.item_max)) if ner.numbered else (None, None),
-            )
-            fields[field.name] = (list[entity], Field(max_length=ner.max_entities))  # type: ignore[valid-type]
-    fields[REASONING_FIELD] = (str | None, None)
-    return create_model("Answer", __config__=ConfigDict(extra="forbid"), **fields)
+    for prop, sub in schema["properties"].items():
+        kind = _python_type(f"{name}_{prop}", sub)
+        fields[prop] = (kind, ...) if prop in required else (kind | None, None)
+    extra = "forbid" if schema.get("additionalProperties") is False else "ignore"
+    return create_model(name, __config__=ConfigDict(extra=extra, strict=False), **fields)
 
 
-def parse_answer(text: str, tf: Taskfile) -> dict[str, Any]:
-    """Parse and validate raw model output; the answer fields only (reasoning dropped)."""
+def _python_type(name: str, sub: Mapping[str, Any]) -> Any:
+    """The subset of JSON schema that answer_schema writes, as annotated Python types."""
+    if "enum" in sub:
+        return Literal[tuple(sub["enum"])]  # type: ignore[misc]
+    kind = sub["type"]
+    if isinstance(kind, list):  # ["number", "null"]
+        inner = [_python_type(name, {**sub, "type": k}) for k in kind if k != "null"]
+        return (inner[0] | None) if "null" in kind else inner[0]
+    if kind == "boolean":
+        return StrictBool
+    if kind == "number":
+        return StrictFloat  # an integer is a number; a boolean or a string is not
+    if kind == "integer":
+        return Annotated[StrictInt, Field(ge=sub.get("minimum"), le=sub.get("maximum"))]
+    if kind == "string":
+        return Annotated[StrictStr, Field(min_length=sub.get("minLength"), max_length=sub.get("maxLength"))]
+    if kind == "array":
+        item = _python_type(name, sub["items"])
+        return Annotated[list[item], Field(max_length=sub.get("maxItems"))]  # type: ignore[valid-type]
+    if kind == "object":
+        return _object_model(name, sub)
+    raise ValueError(f"answer schema: unsupported type {kind!r}")
+
+
+def parse_answer(text: str, schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse and validate raw model output against the request's schema; the answer fields only
+    (reasoning dropped)."""
     try:
         data = orjson.loads(text)
     except orjson.JSONDecodeError as err:
         raise AnswerError(f"not valid JSON: {err}") from None
-    return validate_answer(data, tf)
+    return validate_answer(data, schema)
 
 
-def validate_answer(data: Any, tf: Taskfile) -> dict[str, Any]:
+def validate_answer(data: Any, schema: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AnswerError(f"expected a JSON object, got {type(data).__name__}")
     try:
-        model = _answer_model(tf).model_validate(data)
+        model = answer_model(schema).model_validate(data)
     except ValidationError as err:
         msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()[:5])
         raise AnswerError(msg) from None

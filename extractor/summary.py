@@ -77,6 +77,16 @@ class RunSummary:
         finally:
             self.stage_seconds[name] = round(self.stage_seconds.get(name, 0.0) + time.perf_counter() - start, 3)
 
+    def record_generation(self, stats: Any) -> None:
+        """Copy the generation loop's counters (a GenerationStats) into the report."""
+        for name in ("resumed", "interrupted", "degraded", "answered", "blank", "retries", "failures", "truncated"):
+            setattr(self, name, getattr(stats, name))
+        self.errors, self.prompt_tokens, self.output_tokens = stats.errors, stats.prompt_tokens, stats.output_tokens
+        self.examples = stats.examples
+
+    def count_failure(self) -> None:
+        self.failures += 1
+
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
 

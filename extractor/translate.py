@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from extractor.backend import Backend, ChatTokenizer, Message, Request, StopRequested
+from extractor.backend import ChatTokenizer, Generator, Message, Request, StopRequested
 from extractor.dragon_io import Case
 from extractor.taskfiles import Taskfile
 
@@ -46,7 +46,7 @@ def translation_requests(
 
 
 def translate_cases(
-    cases: Sequence[Case], tf: Taskfile, backend: Backend, tokenizer: ChatTokenizer, context_limit: int
+    cases: Sequence[Case], tf: Taskfile, backend: Generator, tokenizer: ChatTokenizer, context_limit: int
 ) -> tuple[list[Case], int]:
     """Cases with their text replaced by the model's translation; untranslatable pieces stay as they were."""
     if tf.task_type.is_ner:

@@ -19,10 +19,10 @@ from extractor.backend import PlainTokenizer, Request, Result
 from extractor.dragon_io import PREDICTIONS_FILE, JobError, PredictionError, load_job, write_predictions
 from extractor.gc_io import INPUTS_JSON, Socket, inputs_json, load_image
 from extractor.generation import answer_cases
+from extractor.pipeline import predictions
 from extractor.prior import TrainingPrior
 from extractor.prompts import PromptBuilder
 from extractor.settings import parse_settings
-from extractor.summary import RunSummary
 from extractor.taskfiles import load_taskfiles, taskfile_for_job
 
 EXAMPLE = REPO / "examples" / "report_image"
@@ -132,7 +132,9 @@ def test_report_image_with_a_scripted_backend_through_the_pipeline_pieces(tmp_pa
     assert stats.answered == 1
     (prompt,) = backend.prompts
     assert "Image metadata: modality CT; body part CHEST" in prompt and f"Radiology report: {BRAIN_REPORT}" in prompt
-    records = process.predictions(job, tf, answers, TrainingPrior(job.train, job.task_type), 0.0, RunSummary())
+    records = predictions(
+        job.test, tf, job.task_type.prediction_key, answers, TrainingPrior(job.train, job.task_type), 0.0
+    )
     adapter.verify(records, job)
     (path,) = adapter.write(records, job, tmp_path / "out")
     assert path == tmp_path / "out" / "findings.json"

@@ -1,0 +1,347 @@
+"""One job's run: what the stages that process.py lists do, and what they share.
+
+`JobRun` holds a job's run (settings, job, Taskfile, retrieval index, fallback, backend, prompt
+builder, time budget); each method is one stage and reads what earlier stages set. The run
+summary only reports: nothing is read back from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from extractor.adapters import Adapter
+from extractor.backend import Backend, ChatTokenizer
+from extractor.backends import OpenBackend, open_backend
+from extractor.dragon_io import Job
+from extractor.fewshot import NeighbourVote, Retriever, example_picker
+from extractor.generation import CaseAnswer, TimeBudget, answer_cases
+from extractor.journal import Journal, journal_key
+from extractor.metrics import task_score
+from extractor.postprocess import blend_with_vote, to_prediction
+from extractor.prior import Fallback, TrainingPrior
+from extractor.prompts import PromptBuilder
+from extractor.settings import Settings
+from extractor.summary import RunSummary
+from extractor.taskfiles import Reasoning, Taskfile, load_taskfiles, taskfile_for_job
+from extractor.translate import translate_cases
+
+log = logging.getLogger("pipeline")
+
+CONTEXT_STEP = 256
+# The code is part of the journal's key: answers from another version of the pipeline are not reused.
+CODE_FILES = (Path(__file__).resolve().parents[1] / "process.py", *sorted(Path(__file__).resolve().parent.glob("*.py")))
+VOTE = "vote"  # the validation candidate that answers without the model
+
+
+def context_for(longest_prompt: int, tf: Taskfile) -> int:
+    """Context for a job: its longest prompt plus a retry's doubled output budget, in 256-token steps."""
+    return -(-(longest_prompt + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
+
+
+def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
+    """Command-line overrides of the Taskfile's reasoning, examples and output budget."""
+    update: dict[str, Any] = {}
+    if settings.reasoning != "auto":
+        update["reasoning"] = Reasoning(enabled=settings.reasoning == "on", max_chars=tf.reasoning.max_chars)
+    if settings.max_output_tokens is not None:
+        update["max_output_tokens"] = max(8, min(tf.max_output_tokens, settings.max_output_tokens))
+    if settings.examples != "auto" or settings.k is not None:
+        strategy = tf.examples.strategy if settings.examples == "auto" else settings.examples
+        k = tf.examples.k if settings.k is None else settings.k
+        update["examples"] = tf.examples.model_copy(update={"strategy": strategy, "k": k})
+    return tf.model_copy(update=update) if update else tf
+
+
+def with_examples(tf: Taskfile, strategy: str, k: int) -> Taskfile:
+    return tf.model_copy(update={"examples": tf.examples.model_copy(update={"strategy": strategy, "k": k})})
+
+
+@dataclass
+class JobRun:
+    """The state of one job's run, filled in stage by stage."""
+
+    settings: Settings
+    adapter: Adapter
+    backend_kind: str = "llama"
+    ground_truth: Path | None = None
+    budget: TimeBudget = field(default_factory=TimeBudget)
+    summary: RunSummary = field(default_factory=RunSummary)
+    job: Job = None  # type: ignore[assignment]  # set by load_job
+    tf: Taskfile = None  # type: ignore[assignment]  # set by pick_taskfile
+    retriever: Retriever | None = None
+    fallback: Fallback | None = None
+    backend: OpenBackend | None = None
+    builder: PromptBuilder | None = None
+    n_ctx: int = 0
+    ask_model: bool = True
+    answers: dict[str, CaseAnswer] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def begin(
+        cls, settings: Settings, adapter: Adapter, backend: str, ground_truth: Path | None, started: float | None
+    ) -> JobRun:
+        started = time.monotonic() if started is None else started
+        deadline = started + settings.time_limit if settings.time_limit else None
+        return cls(
+            settings,
+            adapter,
+            backend,
+            ground_truth,
+            budget=TimeBudget(deadline=deadline),
+            summary=RunSummary(backend=backend),
+        )
+
+    @property
+    def tokenizer(self) -> ChatTokenizer:
+        assert self.backend is not None
+        return self.backend.tokenizer
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def load_job(self) -> None:
+        job = self.adapter.load(self.settings.input)
+        if self.settings.max_cases is not None:
+            job = dataclasses.replace(job, test=job.test[: self.settings.max_cases])
+        self.job = job
+        self.summary.task_name, self.summary.jobid, self.summary.cases = (
+            job.config.task_name,
+            job.config.jobid,
+            len(job.test),
+        )
+        log.info("%s: %d training, %d test cases", job.config.task_name, len(job.train), len(job.test))
+
+    def pick_taskfile(self) -> None:
+        tf = taskfile_for_job(self.job.config, self.job.train, load_taskfiles(self.settings.taskfiles))
+        self.tf = apply_settings(tf, self.settings)
+        self.summary.taskfile, self.summary.taskfile_sha256 = self.tf.source, self.tf.digest()
+
+    def index_training_set(self) -> None:
+        """The BM25 index of the training reports (examples and the vote) and the fallback answer."""
+        self.retriever = Retriever(self.job.train)
+        use_vote = self.backend_kind == "knn" or (self.backend_kind != "prior" and self.settings.fallback == "knn")
+        if use_vote and self.job.train:
+            self.fallback = NeighbourVote(self.job.train, self.job.task_type, self.retriever, self.settings.vote_k)
+        else:
+            self.fallback = TrainingPrior(self.job.train, self.job.task_type)
+        self.ask_model = bool(self.job.test)
+
+    def open_model(self) -> None:
+        """The backend's tokenizer (and, for llama, the model file's hash); the model loads later."""
+        kind = self.backend_kind if self.job.test else "prior"  # nothing to ask: no model to load
+        self.backend = open_backend(kind, self.settings, self.job, self.tf, self.ground_truth)
+        if self.backend.model_path is not None:
+            self.summary.model, self.summary.model_sha256 = self.backend.model_path.name, self.backend.model_sha256
+
+    def translate(self) -> None:
+        """The ablation pre-pass: the same model translates every test report to English."""
+        limit = min(self.tokenizer.context_limit, self.settings.n_ctx or 4096)
+        backend = self._start(limit)
+        try:
+            cases, failed = translate_cases(self.job.test, self.tf, backend, self.tokenizer, limit)
+        finally:
+            backend.close()
+        self.summary.translated = len(self.job.test) - failed
+        log.info("translated %d of %d test reports to English", self.summary.translated, len(self.job.test))
+        self.job = dataclasses.replace(self.job, test=tuple(cases))
+
+    def size_prompts(self) -> None:
+        """Build every test prompt once to size the context: the longest prompt plus a retry's output."""
+        builder = self._builder(self.tf, self.settings.n_ctx or self.tokenizer.context_limit)
+        tf = self.tf
+        longest = max(
+            (
+                builder.build(c, reasoning=tf.reasoning.enabled, max_tokens=tf.max_output_tokens).request.prompt_tokens
+                for c in self.job.test
+            ),
+            default=0,
+        )
+        self.n_ctx = builder.context_limit = min(context_for(longest, tf), builder.context_limit)
+        self.builder = builder
+        self.summary.n_ctx = self.n_ctx
+        log.info(
+            "context %d tokens (longest prompt %d); examples: %s, k=%d",
+            self.n_ctx,
+            longest,
+            tf.examples.strategy,
+            tf.examples.k,
+        )
+
+    def choose_on_validation(self) -> None:
+        """Score zero-shot, fixed and retrieved examples on the first validation cases, post-processed
+        exactly as the test set will be (fallback and blend included), and keep the best.
+
+        With the neighbour vote as fallback, the vote alone is a candidate too: when it wins, the test
+        set is answered without the model. The validation set only chooses; it is never shown to the
+        model as examples.
+        """
+        job, tf = self.job, self.tf
+        sample = job.validation[: self.settings.choose_examples]
+        truth = [c.label for c in sample]
+        k = tf.examples.k or 4
+        backend = self._start(self.n_ctx)
+        scores: dict[str, float] = {}
+        for strategy in ("none", "fixed", "retrieved"):
+            candidate = with_examples(tf, strategy, k)
+            answers, stats = answer_cases(sample, self._builder(candidate, self.n_ctx), backend)
+            if stats.interrupted:  # a signal: no choice; generation stops at once and the job writes its fallback
+                return
+            values = predictions(
+                sample, candidate, job.task_type.prediction_key, answers, self.fallback, self.settings.blend
+            )
+            scores[strategy] = task_score(job.task_type, truth, [r[job.task_type.prediction_key] for r in values])
+        if self.fallback.name == VOTE:
+            scores[VOTE] = task_score(job.task_type, truth, [self.fallback(c) for c in sample])
+        # Ties (to 6 decimals: float noise must not decide) go to the Taskfile's strategy, then to the model.
+        best = max(scores, key=lambda name: (round(scores[name], 6), name == tf.examples.strategy, name != VOTE))
+        ranked = sorted(scores.values(), reverse=True)
+        margin = ranked[0] - ranked[1] if len(ranked) > 1 else 0.0
+        log.info("on %d validation cases: %s; using %s (by %.3f)", len(sample), scores, best, margin)
+        self.summary.choice = {"scores": scores, "chosen": best, "validation_cases": len(sample)}
+        if best == VOTE:
+            log.warning("the neighbour vote beat the model on validation: the test set is answered without the model")
+            backend.close()
+            self.ask_model = False
+        elif best != tf.examples.strategy:
+            self.tf = with_examples(tf, best, k)
+            self.builder = self._builder(self.tf, self.n_ctx)
+
+    def generate(self) -> None:
+        """Answer every test report with the model, resuming what the journal already holds."""
+        if not (self.ask_model and self.job.test):
+            return
+        journal = self._journal()
+        done = journal.load() if journal else {}
+        backend = self._start(self.n_ctx)
+        if backend.n_ctx is not None and backend.n_ctx < self.n_ctx:
+            self.n_ctx = self.builder.context_limit = backend.n_ctx  # the engine had to settle for less
+            self.summary.n_ctx = self.n_ctx
+        interactive = sys.stderr.isatty()
+
+        def finished(answer: CaseAnswer) -> None:
+            bar.update(1)
+            if journal:
+                journal.append(answer)
+
+        # A line every 30 s in platform logs; live on a terminal.
+        with tqdm(
+            total=len(self.job.test), unit="report", file=sys.stderr, mininterval=0.5 if interactive else 30
+        ) as bar:
+            bar.update(sum(1 for c in self.job.test if c.is_blank or c.uid in done))
+            try:
+                # Chunks of several times N keep the batched engine's sequences busy between the refills.
+                self.answers, stats = answer_cases(
+                    self.job.test,
+                    self.builder,
+                    backend,
+                    on_result=finished,
+                    budget=self.budget,
+                    done=done,
+                    chunk_size=max(32, 4 * backend.n_seq),
+                )
+            finally:
+                if journal:
+                    journal.close()
+        self.summary.record_generation(stats)
+        self.summary.engine = backend.figures()
+        backend.close()
+        if stats.truncated:
+            log.warning(
+                "%d reports were cut on the %s to fit the context",
+                stats.truncated,
+                self.job.config.recommended_truncation_side,
+            )
+        log.info("%d solved examples shown in %d prompts", stats.examples, len(self.job.test) - stats.blank)
+
+    def post_process(self) -> None:
+        self.records = predictions(
+            self.job.test,
+            self.tf,
+            self.job.task_type.prediction_key,
+            self.answers,
+            self.fallback,
+            self.settings.blend,
+            on_failure=self.summary.count_failure,
+        )
+
+    def verify(self) -> None:
+        self.adapter.verify(self.records, self.job)
+
+    def write(self) -> None:
+        self.summary.predictions = ", ".join(
+            str(p) for p in self.adapter.write(self.records, self.job, self.settings.output)
+        )
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _start(self, n_ctx: int) -> Backend:
+        assert self.backend is not None
+        return self.backend.start(n_ctx)
+
+    def _builder(self, tf: Taskfile, context_limit: int) -> PromptBuilder:
+        """A prompt builder for the Taskfile's example strategy, in the given context."""
+        picker = example_picker(tf.examples.strategy, tf.examples.k, self.job.train, self.job.task_type, self.retriever)
+        return PromptBuilder(
+            tf,
+            self.tokenizer,
+            truncation_side=self.job.config.recommended_truncation_side,
+            context_limit=context_limit,
+            examples=picker,
+        )
+
+    def _journal(self) -> Journal | None:
+        """The checkpoint journal of this exact job, model, Taskfile and settings."""
+        if not self.settings.journal:
+            return None
+        s = self.settings
+        answer_settings = (s.examples, s.k, s.reasoning, s.translate, s.n_ctx)
+        files = [*self.adapter.input_files(self.job), *CODE_FILES]
+        key = journal_key(
+            self.summary.backend, self.summary.model_sha256, self.tf.digest(), answer_settings, files=files
+        )
+        return Journal(s.work_dir / f"{self.job.config.task_name}-{key[:16]}.jsonl")
+
+
+def predictions(
+    cases: Sequence[Any],
+    tf: Taskfile,
+    key: str,
+    answers: dict[str, CaseAnswer],
+    fallback: Fallback,
+    blend: float,
+    *,
+    on_failure: Any = None,
+) -> list[dict[str, Any]]:
+    """One record per case: the model's answer post-processed (and blended with the fallback's
+    label shares when asked), or the fallback's answer."""
+    records = []
+    for case in cases:
+        answer = answers.get(case.uid)
+        value = None
+        if answer is not None and answer.ok:
+            try:
+                value = to_prediction(answer.answer, answer.likelihoods, tf, case.parts)
+                shares = fallback.shares(case) if blend > 0 else None
+                if shares is not None:
+                    value = blend_with_vote(value, answer.likelihoods, fallback(case), shares, blend, tf)
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("uid %s: answer could not be post-processed (%s); using the fallback", case.uid, err)
+                if on_failure:
+                    on_failure()
+        if value is None:
+            value = fallback(case)
+        records.append({"uid": case.uid, key: value})
+    return records

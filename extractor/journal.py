@@ -3,7 +3,9 @@
 One JSON line per finished case, in a file named by a key over everything that decides the
 answers (model file, Taskfile, input files, settings), so a changed model, Taskfile or input
 starts a fresh journal instead of reusing stale answers. A torn last line (killed mid-write) is
-ignored.
+ignored. Every finished case is written with its outcome and degradation level, but only
+full-quality successes are resumed: a failure or an answer cut short by the time budget is asked
+again when a rerun has the time.
 """
 
 from __future__ import annotations
@@ -45,14 +47,19 @@ class Journal:
         if not self.path.is_file():
             return {}
         answers: dict[str, CaseAnswer] = {}
+        skipped = 0
         with open(self.path, "rb") as fh:
             for line in fh:
                 try:
-                    rec = orjson.loads(line)
-                    answers[rec["uid"]] = CaseAnswer(**rec)
+                    answer = CaseAnswer(**orjson.loads(line))
                 except (orjson.JSONDecodeError, KeyError, TypeError):
                     continue  # a line torn by a kill
-        log.info("journal %s: %d finished answers to reuse", self.path, len(answers))
+                if answer.full_quality:
+                    answers[answer.uid] = answer
+                else:
+                    skipped += 1
+                    answers.pop(answer.uid, None)
+        log.info("journal %s: %d finished answers to reuse, %d to ask again", self.path, len(answers), skipped)
         return answers
 
     def append(self, answer: CaseAnswer) -> None:
@@ -67,6 +74,7 @@ class Journal:
             "error": answer.error,
             "prompt_tokens": answer.prompt_tokens,
             "output_tokens": answer.output_tokens,
+            "level": answer.level,
         }
         self._fh.write(orjson.dumps(record) + b"\n")
         self._fh.flush()

@@ -21,6 +21,9 @@ from extractor.prior import TrainingPrior
 from extractor.tasktypes import TaskType, ValueKind
 
 log = logging.getLogger(__name__)
+# bm25s pins its logger at DEBUG, which prints its index-building lines in an INFO run; follow the
+# run's level instead.
+logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
 STOPWORDS = sorted(set(STOPWORDS_DUTCH) | set(STOPWORDS_EN))
 
@@ -95,6 +98,8 @@ def _norm_word(word: str) -> str:
 class NeighbourVote:
     """The k nearest training reports' vote: mean probability, majority label, median value,
     per-word tag lookup for NER. Falls back to the training prior where the neighbours say nothing."""
+
+    name = "vote"
 
     def __init__(self, train: Sequence[Case], ttype: TaskType, retriever: Retriever, k: int) -> None:
         self.train = tuple(train)

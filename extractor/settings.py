@@ -158,6 +158,13 @@ def _int_or_none(value: str | None, name: str) -> int | None:
         raise SystemExit(f"{name}: expected a whole number, got {value!r}") from None
 
 
+def _positive_int(value: str | None, name: str) -> int:
+    number = _int_or_none(value, name)
+    if number is None or number < 1:
+        raise SystemExit(f"{name}: expected a positive whole number, got {value!r}")
+    return number
+
+
 def _float_or_none(value: str | None, name: str) -> float | None:
     if value in (None, ""):
         return None
@@ -205,7 +212,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         k=_int_or_none(args.k, "--k"),
         max_output_tokens=_int_or_none(args.max_output_tokens, "--max-output-tokens"),
         fallback=args.fallback,
-        vote_k=_int_or_none(args.vote_k, "--vote-k") or 8,
+        vote_k=_positive_int(args.vote_k, "--vote-k"),
         blend=blend,
         translate=bool(args.translate),
         choose_examples=_int_or_none(args.choose_examples, "--choose-examples") or 0,

@@ -134,3 +134,17 @@ def test_examples_are_dropped_before_the_report_is_cut(tmp_path: Path) -> None:
     narrow = PromptBuilder(tf, PlainTokenizer(), truncation_side="left", context_limit=2600, examples=picker)
     plan = narrow.build(Case("q", text="report"), reasoning=False, max_tokens=50)
     assert 0 < plan.examples < 4 and not plan.truncated and "report" in plan.request.prompt
+
+
+def test_bm25s_logs_at_the_runs_level() -> None:
+    import logging
+
+    import extractor.fewshot  # noqa: F401 - importing it sets the level
+
+    root = logging.getLogger()
+    old = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert not logging.getLogger("bm25s").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(old)

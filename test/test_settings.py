@@ -74,3 +74,11 @@ def test_parallel_sequences_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_settings([]).parallel == 4
     with pytest.raises(SystemExit, match="--parallel"):
         parse_settings(["--parallel", "-2"])
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_vote_k_must_be_positive(value: str) -> None:
+    """--vote-k 0 used to become 8 silently; a vote of no neighbours is not a setting."""
+    with pytest.raises(SystemExit, match="--vote-k"):
+        parse_settings(["--vote-k", value])
+    assert parse_settings(["--vote-k", "3"]).vote_k == 3

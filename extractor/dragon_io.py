@@ -1,14 +1,25 @@
 """DRAGON job I/O: read and validate the four input files, verify and write predictions.
 
 Knows the DRAGON file names and record shapes; knows nothing of models or prompts.
+
+What a defect costs follows the README's reliability table: a record that breaks the format costs
+that record (a training or validation record is dropped, a test record is answered with the
+fallback), a configuration hint outside the specification gets its default, and only what leaves
+the task undefined fails the job with a `JobError`. Every warning names the file, the record
+(index and uid) and the field.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,11 +28,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from extractor.tasktypes import TaskType, ValueKind, task_type
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "nlp-task-configuration.json"
 TRAIN_FILE = "nlp-training-dataset.json"
 VALIDATION_FILE = "nlp-validation-dataset.json"
 TEST_FILE = "nlp-test-dataset.json"
 PREDICTIONS_FILE = "nlp-predictions-dataset.json"
+
+# Configuration fields that are hints: a value outside the specification gets this default.
+CONFIG_HINT_DEFAULTS: dict[str, Any] = {"recommended_truncation_side": "left", "jobid": 0, "version": "1.0"}
+# Per file, the first this many defective records get a warning each; the rest are counted.
+MAX_RECORD_WARNINGS = 20
 
 
 class JobError(Exception):
@@ -76,13 +94,19 @@ class Case:
 
 @dataclass(frozen=True)
 class Job:
-    """A validated DRAGON job: configuration plus the three case lists."""
+    """A validated DRAGON job: configuration plus the three case lists.
+
+    `dropped` counts the records left out per list ("train", "validation", "test"; a test record
+    is only dropped when it has no usable uid to answer under); `unreadable` holds the uids of
+    test records whose input could not be read, kept as blank cases that get the fallback."""
 
     config: TaskConfig
     train: tuple[Case, ...]
     validation: tuple[Case, ...]
     test: tuple[Case, ...]
     input_dir: Path
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    unreadable: tuple[str, ...] = ()
 
     @property
     def task_type(self) -> TaskType:
@@ -97,28 +121,66 @@ class Job:
 
 
 def _read_json(path: Path) -> Any:
+    """Strict JSON; failing that, what Python's own reader accepts (NaN, Infinity, invalid UTF-8,
+    lone surrogates), with invalid characters replaced and a warning. Neither: a JobError."""
     if not path.is_file():
         raise JobError(f"{path}: missing input file")
     try:
-        return orjson.loads(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise JobError(f"{path}: cannot read: {err.strerror or err}") from None
+    try:
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as err:
-        raise JobError(f"{path}: malformed JSON: {err}") from None
+        strict_error = err
+    try:
+        data = json.loads(raw.decode("utf-8", errors="replace"))
+    except (ValueError, RecursionError):
+        raise JobError(f"{path}: malformed JSON: {strict_error}") from None
+    log.warning("%s: not strict JSON (%s); read leniently, invalid characters replaced", path, strict_error)
+    return _clean_strings(data)
+
+
+def _clean_strings(value: Any) -> Any:
+    """Replace lone surrogates (valid for Python's JSON reader, not UTF-8) so every string encodes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", errors="replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_clean_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean_strings(k): _clean_strings(v) for k, v in value.items()}
+    return value
 
 
 def load_config(input_dir: Path) -> TaskConfig:
+    """The task configuration; a hint outside the specification gets its default with a warning."""
     path = input_dir / CONFIG_FILE
     data = _read_json(path)
     if not isinstance(data, dict):
         raise JobError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    try:
-        return TaskConfig.model_validate(data)
-    except ValidationError as err:
-        raise JobError(f"{path}: {_describe(err)}") from None
+    data = dict(data)
+    while True:
+        try:
+            return TaskConfig.model_validate(data)
+        except ValidationError as err:
+            errors = err.errors()
+            hints = {str(e["loc"][0]) for e in errors if e["loc"] and e["loc"][0] in CONFIG_HINT_DEFAULTS}
+            fatal = [e for e in errors if not (e["loc"] and e["loc"][0] in CONFIG_HINT_DEFAULTS)]
+            if fatal or not hints:
+                raise JobError(f"{path}: {_describe(fatal or errors)}") from None
+            for name in sorted(hints):
+                log.warning(
+                    "%s: field %r: %r is outside the specification; using the default %r",
+                    path,
+                    name,
+                    data.pop(name),
+                    CONFIG_HINT_DEFAULTS[name],
+                )
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(errors: list[Any]) -> str:
     parts = []
-    for e in err.errors():
+    for e in errors:
         where = ".".join(str(p) for p in e["loc"]) or "(record)"
         parts.append(f"field {where!r}: {e['msg']}")
     return "; ".join(parts)
@@ -144,88 +206,202 @@ def _check_label(value: Any, ttype: TaskType, n_parts: int | None) -> str | None
         if n_parts is not None and len(value) != n_parts:
             return f"expected {n_parts} tags (one per word), got {len(value)}"
         if multi:
-            bad = any(not isinstance(t, list) or not all(isinstance(s, str) for s in t) for t in value)
-            return "expected a list (per word) of lists of tag strings" if bad else None
+            bad = any(not isinstance(t, list) or not t or not all(isinstance(s, str) for s in t) for t in value)
+            return "expected a list (per word) of non-empty lists of tag strings" if bad else None
         bad = any(not isinstance(t, str) for t in value)
         return "expected a list of tag strings" if bad else None
     if multi:
-        if not isinstance(value, list):
-            return "expected a list"
+        if not isinstance(value, list) or not value:
+            return "expected a non-empty list"
         for v in value:
             if v is None and kind is ValueKind.NUMBER:
-                continue
+                continue  # an absent value of a multi-label regression target
             if not scalar_ok(v):
                 return f"unexpected list element {v!r} for {ttype.label_name}"
         return None
     return None if scalar_ok(value) else f"unexpected value {value!r} for {ttype.label_name}"
 
 
-def load_cases(path: Path, config: TaskConfig, *, labelled: bool) -> tuple[Case, ...]:
-    """Read one dataset file; every problem names the file, the record and the field."""
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class _Defects:
+    """The warnings of one file: each defective record once, the first few in full."""
+
+    path: Path
+    consequence: str
+    count: int = 0
+
+    def add(self, where: str, field_name: str, problem: str, consequence: str | None = None) -> None:
+        self.count += 1
+        if self.count <= MAX_RECORD_WARNINGS:
+            log.warning("%s: field %r: %s; %s", where, field_name, problem, consequence or self.consequence)
+
+    def close(self) -> None:
+        if self.count > MAX_RECORD_WARNINGS:
+            log.warning(
+                "%s: %d defective records in all (%d more not shown); %s",
+                self.path,
+                self.count,
+                self.count - MAX_RECORD_WARNINGS,
+                self.consequence,
+            )
+
+
+def _read_input(record: dict[str, Any], config: TaskConfig) -> tuple[str | None, tuple[str, ...] | None, str | None]:
+    """The record's text or text parts, and what is wrong with them (None when nothing is)."""
+    name = config.input_name
+    if name not in record:
+        return None, None, "missing"
+    raw = record[name]
+    if name == "text":
+        if not isinstance(raw, str):
+            return None, None, f"expected a string, got {_short(raw)}"
+        return raw, None, None
+    if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
+        return None, None, f"expected a list of strings, got {_short(raw)}"
+    return None, tuple(raw), None
+
+
+def _unreadable_input(record: dict[str, Any], config: TaskConfig) -> tuple[str | None, tuple[str, ...] | None]:
+    """A blank stand-in for a test record's unreadable input, so the fallback answers it; a list of
+    text parts keeps its length (an NER prediction needs one tag per word)."""
+    if config.input_name == "text":
+        return "", None
+    raw = record.get(config.input_name)
+    return None, tuple("" for _ in raw) if isinstance(raw, list) else ()
+
+
+@dataclass(frozen=True)
+class CaseFile:
+    """One dataset file as read: its usable cases, how many records were dropped, and the uids
+    of test records answered with the fallback."""
+
+    cases: tuple[Case, ...]
+    dropped: int = 0
+    unreadable: tuple[str, ...] = ()
+
+
+def _read_array(path: Path) -> list[Any]:
     data = _read_json(path)
     if not isinstance(data, list):
         raise JobError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return data
+
+
+def read_cases(
+    path: Path, config: TaskConfig, *, role: str, label_length: int | None = None, data: list[Any] | None = None
+) -> CaseFile:
+    """Read one dataset file (`role` "train", "validation" or "test"; `data`: its records when
+    already read) as the reliability table says.
+
+    A defective training or validation record is dropped; a test record with an unreadable input
+    becomes a blank case (the fallback answers it), one without a usable uid is dropped. Duplicate
+    uids fail the job. Multi-label lists take the most common length in training (`label_length`,
+    when given, for validation); records of another length are dropped."""
+    labelled = role != "test"
+    data = _read_array(path) if data is None else data
     ttype = config.task_type
+    defects = _Defects(path, "record dropped" if labelled else "answered with the fallback")
+    dropped = 0
+    unreadable: list[str] = []
     cases: list[Case] = []
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     for i, record in enumerate(data):
         where = f"{path}: record {i}"
         if not isinstance(record, dict):
-            raise JobError(f"{where}: expected an object, got {type(record).__name__}")
+            defects.add(where, "(record)", f"expected an object, got {type(record).__name__}", "record dropped")
+            dropped += 1
+            continue
         uid = record.get("uid")
         if isinstance(uid, bool) or not isinstance(uid, (str, int)):
-            raise JobError(f"{where}: field 'uid': expected a string, got {uid!r}")
+            defects.add(where, "uid", f"expected a string or an integer, got {_short(uid)}", "record dropped")
+            dropped += 1
+            continue
         uid = str(uid)
         where = f"{path}: record {i} (uid {uid})"
         if uid in seen:
-            raise JobError(f"{where}: field 'uid': duplicate uid")
-        seen.add(uid)
-        raw = record.get(config.input_name)
-        text: str | None = None
-        parts: tuple[str, ...] | None = None
-        if config.input_name == "text":
-            if raw is None:
-                raw = ""
-            if not isinstance(raw, str):
-                raise JobError(f"{where}: field 'text': expected a string, got {type(raw).__name__}")
-            text = raw
-        else:
-            if raw is None:
-                raw = []
-            if not isinstance(raw, list) or not all(isinstance(p, str) for p in raw):
-                raise JobError(f"{where}: field 'text_parts': expected a list of strings")
-            parts = tuple(raw)
+            raise JobError(f"{where}: field 'uid': duplicate uid (also record {seen[uid]})")
+        seen[uid] = i
+        text, parts, problem = _read_input(record, config)
+        if problem and not labelled:
+            defects.add(where, config.input_name, problem)
+            text, parts = _unreadable_input(record, config)
+            unreadable.append(uid)
+            cases.append(Case(uid=uid, text=text, parts=parts))
+            continue
+        if problem:
+            defects.add(where, config.input_name, problem)
+            dropped += 1
+            continue
         label = None
         if labelled:
             if config.label_name not in record:
-                raise JobError(f"{where}: field {config.label_name!r}: missing")
-            label = record[config.label_name]
-            n_parts = len(parts) if parts is not None else None
-            problem = _check_label(label, ttype, n_parts)
+                problem = "missing"
+            else:
+                label = record[config.label_name]
+                problem = _check_label(label, ttype, len(parts) if parts is not None else None)
             if problem:
-                raise JobError(f"{where}: field {config.label_name!r}: {problem}")
+                defects.add(where, config.label_name, problem)
+                dropped += 1
+                continue
         cases.append(Case(uid=uid, text=text, parts=parts, label=label))
     if labelled and ttype.multi and not ttype.is_ner and cases:
-        lengths = {len(c.label) for c in cases}
-        if len(lengths) > 1:
-            raise JobError(f"{path}: field {config.label_name!r}: label lists differ in length {sorted(lengths)}")
-    return tuple(cases)
+        lengths = Counter(len(c.label) for c in cases)
+        # The most common length (ties: the first record's) is the task's; validation takes training's.
+        width = label_length if label_length is not None else max(lengths, key=lambda n: lengths[n])
+        kept = []
+        for c in cases:
+            if len(c.label) == width:
+                kept.append(c)
+            else:
+                defects.add(
+                    f"{path}: record {seen[c.uid]} (uid {c.uid})",
+                    config.label_name,
+                    f"expected a list of {width} values (the training labels' length), got {len(c.label)}",
+                )
+                dropped += 1
+        cases = kept
+    defects.close()
+    return CaseFile(tuple(cases), dropped, tuple(unreadable))
 
 
 def load_job(input_dir: Path) -> Job:
-    """Read and validate a DRAGON job folder. The validation file is optional."""
+    """Read and validate a DRAGON job folder as the README's reliability table says.
+
+    The validation file is optional, and one that cannot be read is left out with a warning (it
+    only chooses settings); a training set without a usable record leaves the task undefined."""
     input_dir = Path(input_dir)
     config = load_config(input_dir)
-    train = load_cases(input_dir / TRAIN_FILE, config, labelled=True)
+    train_path = input_dir / TRAIN_FILE
+    train = read_cases(train_path, config, role="train")
+    if not train.cases:
+        detail = f"all {train.dropped} records are defective (see the warnings)" if train.dropped else "it is empty"
+        raise JobError(f"{train_path}: no usable training record: {detail}")
     val_path = input_dir / VALIDATION_FILE
-    validation = load_cases(val_path, config, labelled=True) if val_path.is_file() else ()
-    test = load_cases(input_dir / TEST_FILE, config, labelled=False)
+    validation = CaseFile(())
+    if val_path.is_file():
+        try:
+            records = _read_array(val_path)
+        except JobError as err:
+            log.warning("%s; running without the validation set", err)
+        else:
+            width = len(train.cases[0].label) if config.task_type.multi and not config.task_type.is_ner else None
+            validation = read_cases(val_path, config, role="validation", label_length=width, data=records)
+    test = read_cases(input_dir / TEST_FILE, config, role="test")
+    counts = (("train", train.dropped), ("validation", validation.dropped), ("test", test.dropped))
+    dropped = {role: n for role, n in counts if n}
     return Job(
         config=config,
-        train=train,
-        validation=validation,
-        test=test,
+        train=train.cases,
+        validation=validation.cases,
+        test=test.cases,
         input_dir=input_dir,
+        dropped=dropped,
+        unreadable=test.unreadable,
     )
 
 
@@ -302,9 +478,16 @@ def write_predictions(records: list[dict[str, Any]], output_dir: Path) -> Path:
 
 
 def atomic_write(target: Path, data: bytes) -> None:
-    """Write a file complete or not at all: a temp file beside it, fsync, then rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    """Write a file complete or not at all: a temp file beside it, fsync, then rename.
+
+    A failure of the file system (no space left, read-only, not a folder) is a JobError naming the
+    file; the temp file is removed, so nothing partial is left and an earlier file stays as it was."""
+    target = Path(target)
+    ensure_folder(target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise JobError(f"{target}: cannot write: {_os_reason(err)}") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -312,6 +495,31 @@ def atomic_write(target: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise JobError(f"{target}: cannot write {len(data)} bytes: {_os_reason(err)}; nothing written") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def ensure_folder(folder: Path) -> None:
+    """Create the output folder if needed; a path that is (or runs through) a file, or cannot be
+    created, is a JobError naming it."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise JobError(f"{folder}: the output path exists and is not a folder")
+    blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise JobError(f"{folder}: cannot create the output folder: {blocking} is a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise JobError(f"{folder}: cannot create the output folder: {_os_reason(err)}") from None
+
+
+def _os_reason(err: OSError) -> str:
+    """An OSError in words, without the file name (the message names it)."""
+    name = errno.errorcode.get(err.errno or 0, "")
+    reason = err.strerror or str(err)
+    return f"{reason} ({name})" if name else reason

@@ -519,8 +519,9 @@ def _base_tag(word_tags: Sequence[str]) -> str:
 
 
 class MarkerTable:
-    """Item numbers from the words before an entity: a word (or its +/,-separated pieces) that
-    was always followed by the same item numbers in training is a marker."""
+    """Item numbers from the words before an entity (back to the previous entity of its type): a
+    word (or its +/,-separated pieces) always followed by the same item numbers in training is a
+    marker; an entity with no marker before it gets its type's most common items."""
 
     WINDOW = 8
 
@@ -614,7 +615,7 @@ class NerHead:
             if not self.ttype.multi:
                 out.append(repair_bio(base))
                 continue
-            out.append(self._numbered(words, base))
+            out.append(self._numbered(words, base) if self.markers else repair_multi([t.split("|") for t in base]))
         return out
 
     def _numbered(self, words: list[str], base: list[str]) -> list[list[str]]:
@@ -626,8 +627,10 @@ class NerHead:
             for tag in base:
                 hit = next((p for p in tag.split("|") if _split(p)[1] == kind), "O")
                 column.append(hit)
+            prev = -1
             for start, end, _ in _entities(repair_bio(column)):
-                before = [words[k] for k in range(start - 1, -1, -1)]
+                before = words[prev + 1 : start][::-1]  # back to the previous entity of this type
+                prev = start
                 for item in sorted(self.markers.items(before, kind)):
                     per_word[start].append(f"B-{item}-{kind}")
                     for k in range(start + 1, end):
@@ -655,10 +658,37 @@ def _train_ner(train: Sequence[Case], ttype: TaskType, seed: int) -> list[Head]:
     markers = MarkerTable().fit(examples) if ttype.multi else None
     classes = [str(t) for t in model.classes_]
     sequences = [[_base_tag(t) if ttype.multi else str(t) for t in case.label] for case in train if case.parts]
-    return [
+    heads: list[Head] = [
         NerHead("word-lr", ttype, vectorizer, model, markers),
         NerHead("word-lr-viterbi", ttype, vectorizer, model, markers, tag_transitions(sequences, classes)),
     ]
+    if ttype.multi:  # the alternative: learn the numbered tags themselves, word by word
+        full = [_joined(case.label[i]) for case in train for i in range(len(case.parts or ()))]
+        learned = LogisticRegression(C=1.0, max_iter=MAX_ITER, random_state=seed)
+        learned.fit(vectorizer.transform(rows), full)
+        heads.append(NerHead("word-lr-items-learned", ttype, vectorizer, learned, None))
+    return heads
+
+
+def _joined(word_tags: Sequence[str]) -> str:
+    tags = sorted({t for t in word_tags if t != "O"})
+    return "|".join(tags) if tags else "O"
+
+
+def repair_multi(per_word: Sequence[Sequence[str]]) -> list[list[str]]:
+    """BIO repair per tag type on multi-label tags; a word without tags gets ["O"]."""
+    out: list[list[str]] = []
+    prev: set[str] = set()
+    for tags in per_word:
+        fixed = set()
+        for tag in tags:
+            prefix, kind = _split(tag)
+            if prefix == "O":
+                continue
+            fixed.add(f"B-{kind}" if prefix == "I" and kind not in prev else tag)
+        prev = {_split(t)[1] for t in fixed}
+        out.append(sorted(fixed) if fixed else ["O"])
+    return out
 
 
 def tag_transitions(sequences: Sequence[Sequence[str]], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -692,7 +722,8 @@ def viterbi(logp: np.ndarray, trans: np.ndarray, start: np.ndarray) -> list[int]
 
 
 def _item_examples(words: list[str], labels: Sequence[Sequence[str]]) -> list[tuple[list[str], str, frozenset[int]]]:
-    """Each numbered entity start: the words before it, its base type and its item numbers."""
+    """Each numbered entity start: the words back to the previous entity of its type (nearest
+    first), its base type and its item numbers."""
     starts: dict[tuple[int, str], set[int]] = defaultdict(set)
     for i, word_tags in enumerate(labels):
         for tag in word_tags:
@@ -700,10 +731,12 @@ def _item_examples(words: list[str], labels: Sequence[Sequence[str]]) -> list[tu
             m = NUMBERED.match(kind)
             if prefix == "B" and m:
                 starts[(i, m.group(2))].add(int(m.group(1)))
-    return [
-        ([words[k] for k in range(i - 1, -1, -1)], kind, frozenset(items))
-        for (i, kind), items in sorted(starts.items())
-    ]
+    out = []
+    prev: dict[str, int] = {}
+    for (i, kind), items in sorted(starts.items()):
+        out.append((words[prev.get(kind, -1) + 1 : i][::-1], kind, frozenset(items)))
+        prev[kind] = i
+    return out
 
 
 # ----- entry points -----------------------------------------------------------------------------

@@ -90,31 +90,49 @@ class _Truncated(Exception):
 
 
 class _Reader:
-    """Sequential little-endian reads that know the file's size, so a length field pointing past
-    the end is caught before anything that large is read."""
+    """Little-endian reads from a window of the file, refilled as parsing moves on; a length
+    field pointing past the end of the file raises _Truncated before anything that large is read."""
 
-    def __init__(self, fh: BinaryIO, size: int) -> None:
+    CHUNK = 1 << 23
+
+    def __init__(self, fh: BinaryIO, size: int, start: int) -> None:
         self.fh, self.size = fh, size
+        self.base, self.buf, self.off = start, b"", 0  # buf holds the file from `base` on
 
     @property
     def pos(self) -> int:
-        return self.fh.tell()
+        return self.base + self.off
 
-    def read(self, n: int) -> bytes:
+    def _window(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
             raise _Truncated
-        return self.fh.read(n)
+        if self.off + n > len(self.buf):
+            self.base, self.off = self.pos, 0
+            self.fh.seek(self.base)
+            self.buf = self.fh.read(max(n, self.CHUNK))
+
+    def read(self, n: int) -> bytes:
+        self._window(n)
+        out = self.buf[self.off : self.off + n]
+        self.off += n
+        return out
 
     def skip(self, n: int) -> None:
         if n < 0 or self.pos + n > self.size:
             raise _Truncated
-        self.fh.seek(n, os.SEEK_CUR)
+        self.off += n  # past the window: the next read refills from the new position
 
     def u32(self) -> int:
-        return struct.unpack("<I", self.read(4))[0]
+        self._window(4)
+        (value,) = struct.unpack_from("<I", self.buf, self.off)
+        self.off += 4
+        return value
 
     def u64(self) -> int:
-        return struct.unpack("<Q", self.read(8))[0]
+        self._window(8)
+        (value,) = struct.unpack_from("<Q", self.buf, self.off)
+        self.off += 8
+        return value
 
     def string(self) -> bytes:
         return self.read(self.u64())
@@ -148,7 +166,7 @@ def read_gguf_header(path: Path) -> GgufHeader:
         if magic != GGUF_MAGIC:
             what = "an empty file" if size == 0 else f"starts with {magic!r}, not {GGUF_MAGIC!r}"
             raise JobError(f"{path}: not a GGUF model file ({what})")
-        reader = _Reader(fh, size)
+        reader = _Reader(fh, size, start=4)
         try:
             version = reader.u32()
             if version not in SUPPORTED_VERSIONS:

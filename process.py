@@ -50,18 +50,23 @@ def run_job(
             run.pick_taskfile()
         with stage("index training set"):
             run.index_training_set()
-        with stage("open model"):
-            run.open_model()
-        if settings.translate and run.job.test:
-            with stage("translate"):
-                run.translate()
-        with stage("size prompts"):
-            run.size_prompts()
-        if settings.choose_examples and run.job.validation and run.job.test:
-            with stage("choose on validation"):
-                run.choose_on_validation()
-        with stage("generate"):
-            run.generate()
+        with stage("train heads"):
+            run.train_heads()
+        with stage("choose base on validation"):
+            run.choose_base()
+        if run.ask_model:
+            with stage("open model"):
+                run.open_model()
+            if settings.translate:
+                with stage("translate"):
+                    run.translate()
+            with stage("size prompts"):
+                run.size_prompts()
+            if run.job.validation and settings.validation_cases:
+                with stage("choose with the model on validation"):
+                    run.choose_with_model()
+            with stage("generate"):
+                run.generate()
         with stage("post-process"):
             run.post_process()
         with stage("verify"):

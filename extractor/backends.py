@@ -59,7 +59,7 @@ class OpenBackend:
     def _load(self, n_ctx: int) -> Backend:
         if self.kind == "oracle":
             assert self.truth is not None
-            return OracleBackend(self.truth, self.job.test, self.tf)
+            return OracleBackend(self.truth, (*self.job.test, *self.job.validation), self.tf)
         if self.kind != "llama":
             return PriorBackend()
         assert self.model_path is not None
@@ -96,7 +96,8 @@ def open_backend(kind: str, settings: Settings, job: Job, tf: Taskfile, ground_t
     if kind == "oracle":
         if ground_truth is None:
             raise JobError("the oracle backend needs ground truth")
-        truth = load_ground_truth(ground_truth, job.config.label_name)
+        # A perfect model answers validation cases perfectly too (their labels come with the job).
+        truth = {**{c.uid: c.label for c in job.validation}, **load_ground_truth(ground_truth, job.config.label_name)}
         return OpenBackend(kind, PlainTokenizer(), settings, job, tf, truth=truth)
     if kind in ("prior", "knn"):
         return OpenBackend(kind, PlainTokenizer(), settings, job, tf)

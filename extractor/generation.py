@@ -22,6 +22,7 @@ from extractor.taskfiles import Taskfile
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+PLATFORM_DEFAULT_LIMIT_S = 20 * 60  # Grand Challenge's default job time limit
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,39 @@ class TimeBudget:
     reserve_s: float = 20.0
     clock: Callable[[], float] = time.monotonic
     level: int = 0
+    started: float | None = None  # when the job started, for the projection without a deadline
+    projected: bool = False
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else self.deadline - self.clock() - self.reserve_s
+
+    def project(self, remaining: int, seconds_per_case: float) -> None:
+        """Once, after the first measured chunk: the projected end at the current rate, with a
+        warning when it passes the time limit, or the platform's default of 20 minutes when none
+        is set (the platform does not tell the container its limit)."""
+        if self.projected:
+            return
+        self.projected = True
+        now = self.clock()
+        rest = remaining * seconds_per_case
+        log.info("projected: %.0f s more for %d reports at %.2f s a report", rest, remaining, seconds_per_case)
+        if self.deadline is not None:
+            if now + rest > self.deadline:
+                log.warning(
+                    "projected end passes --time-limit by %.0f s: the budget will degrade answers",
+                    now + rest - self.deadline,
+                )
+        elif self.started is not None and now + rest - self.started > PLATFORM_DEFAULT_LIMIT_S:
+            log.warning(
+                "projected total %.0f s passes the platform's default limit of %d s; set --time-limit "
+                "(DRAGON_TIME_LIMIT) to the algorithm's limit so the job degrades to finish in time",
+                now + rest - self.started,
+                PLATFORM_DEFAULT_LIMIT_S,
+            )
 
     def next_level(self, remaining: int, seconds_per_case: float | None, chunk: int) -> int:
+        if seconds_per_case is not None and remaining:
+            self.project(remaining, seconds_per_case)
         if self.deadline is None or seconds_per_case is None:
             return self.level
         left = self.deadline - self.clock() - self.reserve_s

@@ -21,9 +21,19 @@ from tqdm import tqdm
 from extractor.adapters import Adapter
 from extractor.backend import Backend, ChatTokenizer
 from extractor.backends import OpenBackend, open_backend
-from extractor.dragon_io import Job
+from extractor.choice import (
+    BLEND_WEIGHTS,
+    Candidate,
+    Precomputed,
+    choose_base,
+    choose_with_model,
+    fallback_candidate,
+    head_candidate,
+)
+from extractor.dragon_io import Job, JobError
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
 from extractor.generation import CaseAnswer, TimeBudget, answer_cases
+from extractor.heads import train_heads
 from extractor.journal import Journal, journal_key
 from extractor.metrics import task_score
 from extractor.postprocess import blend_with_vote, to_prediction
@@ -39,7 +49,16 @@ log = logging.getLogger("pipeline")
 CONTEXT_STEP = 256
 # The code is part of the journal's key: answers from another version of the pipeline are not reused.
 CODE_FILES = (Path(__file__).resolve().parents[1] / "process.py", *sorted(Path(__file__).resolve().parent.glob("*.py")))
-VOTE = "vote"  # the validation candidate that answers without the model
+REFERENCE_BACKENDS = ("knn", "prior")  # answer with the vote / the prior alone, no model, no heads
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """One way of using the model on validation: its Taskfile (example strategy) and blend weight."""
+
+    tf: Taskfile
+    blend: float
+    strategy: str
 
 
 def context_for(longest_prompt: int, tf: Taskfile) -> int:
@@ -78,7 +97,10 @@ class JobRun:
     job: Job = None  # type: ignore[assignment]  # set by load_job
     tf: Taskfile = None  # type: ignore[assignment]  # set by pick_taskfile
     retriever: Retriever | None = None
-    fallback: Fallback | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    base_candidate: Candidate | None = None
+    base: Precomputed | None = None  # the base's answers for the test set: the fallback of every case
+    blend: float = 0.0
     backend: OpenBackend | None = None
     builder: PromptBuilder | None = None
     n_ctx: int = 0
@@ -97,7 +119,7 @@ class JobRun:
             adapter,
             backend,
             ground_truth,
-            budget=TimeBudget(deadline=deadline),
+            budget=TimeBudget(deadline=deadline, started=started),
             summary=RunSummary(backend=backend),
         )
 
@@ -113,6 +135,7 @@ class JobRun:
         if self.settings.max_cases is not None:
             job = dataclasses.replace(job, test=job.test[: self.settings.max_cases])
         self.job = job
+        self.summary.blank = sum(c.is_blank for c in job.test)  # answered by the base, never asked
         self.summary.task_name, self.summary.jobid, self.summary.cases = (
             job.config.task_name,
             job.config.jobid,
@@ -126,14 +149,56 @@ class JobRun:
         self.summary.taskfile, self.summary.taskfile_sha256 = self.tf.source, self.tf.digest()
 
     def index_training_set(self) -> None:
-        """The BM25 index of the training reports (examples and the vote) and the fallback answer."""
+        """The BM25 index of the training reports: solved examples and the neighbour vote."""
         self.retriever = Retriever(self.job.train)
-        use_vote = self.backend_kind == "knn" or (self.backend_kind != "prior" and self.settings.fallback == "knn")
-        if use_vote and self.job.train:
-            self.fallback = NeighbourVote(self.job.train, self.job.task_type, self.retriever, self.settings.vote_k)
+
+    def train_heads(self) -> None:
+        """The model-free candidates, most specific first: the heads trained on the training set
+        (unless --heads off or a reference backend), the neighbour vote, the training prior."""
+        job, kind = self.job, self.backend_kind
+        prior = TrainingPrior(job.train, job.task_type)
+        vote = NeighbourVote(job.train, job.task_type, self.retriever, self.settings.vote_k) if job.train else None
+        candidates: list[Candidate] = []
+        if kind not in REFERENCE_BACKENDS and self.settings.heads:
+            seed = self.settings.seed if self.settings.seed is not None else job.config.jobid
+            try:
+                candidates += [head_candidate(h) for h in train_heads(job.train, job.task_type, seed=seed)]
+            except Exception as err:  # noqa: BLE001 - the vote and the prior still answer
+                log.warning("the heads could not be trained (%s); the vote and the prior remain", err)
+        if vote is not None and kind != "prior":
+            candidates.append(fallback_candidate(vote, job.task_type))
+        if kind != "knn" or vote is None:
+            candidates.append(fallback_candidate(prior, job.task_type))
+        self.candidates = candidates
+        log.info("model-free candidates: %s", ", ".join(c.name for c in candidates))
+
+    def choose_base(self) -> None:
+        """Round 1 of the validation choice: the best model-free candidate on every validation
+        case answers whatever the model does not (and everything, if the model loses)."""
+        job = self.job
+        choice = choose_base(self.candidates, job.validation, self._metric)
+        score = {c.name: c.score for c in choice.scores}
+        # The chosen first; if it cannot answer the test set, the next best does (the prior last).
+        ranked = sorted(
+            self.candidates,
+            key=lambda c: (c.name != choice.chosen, -(score[c.name] if score.get(c.name) is not None else -1.0)),
+        )
+        for candidate in ranked:
+            try:
+                self.base, self.base_candidate = Precomputed(candidate, job.test), candidate
+                break
+            except Exception as err:  # noqa: BLE001 - a head that fails on the test set costs only itself
+                log.warning("%s could not answer the test set (%s); trying the next candidate", candidate.name, err)
         else:
-            self.fallback = TrainingPrior(self.job.train, self.job.task_type)
-        self.ask_model = bool(self.job.test)
+            raise JobError("no candidate could answer the test set, not even the training prior")
+        if self.base_candidate.name != choice.chosen:
+            choice.chosen = self.base_candidate.name
+        self.summary.choice["base"] = choice.as_dict()
+        self.summary.choice["chosen"] = choice.chosen
+        self.ask_model = bool(job.test) and self.backend_kind not in REFERENCE_BACKENDS
+        if self.ask_model and job.validation and self.settings.validation_cases == 0:
+            log.info("--validation-cases 0: the test set is answered by %s, without the model", choice.chosen)
+            self.ask_model = False
 
     def open_model(self) -> None:
         """The backend's tokenizer (and, for llama, the model file's hash); the model loads later."""
@@ -176,44 +241,77 @@ class JobRun:
             tf.examples.k,
         )
 
-    def choose_on_validation(self) -> None:
-        """Score zero-shot, fixed and retrieved examples on the first validation cases, post-processed
-        exactly as the test set will be (fallback and blend included), and keep the best.
-
-        With the neighbour vote as fallback, the vote alone is a candidate too: when it wins, the test
-        set is answered without the model. The validation set only chooses; it is never shown to the
-        model as examples.
-        """
+    def choose_with_model(self) -> None:
+        """Round 2: the model answers the first N validation cases (fewer when the time budget says
+        so); the model alone, its blends with the base and any other example strategy compete
+        with the base on those same cases. The model answers the test set only if it wins."""
         job, tf = self.job, self.tf
-        sample = job.validation[: self.settings.choose_examples]
-        truth = [c.label for c in sample]
-        k = tf.examples.k or 4
+        sample = list(job.validation[: self.settings.validation_cases])
         backend = self._start(self.n_ctx)
-        scores: dict[str, float] = {}
-        for strategy in ("none", "fixed", "retrieved"):
-            candidate = with_examples(tf, strategy, k)
-            answers, stats = answer_cases(sample, self._builder(candidate, self.n_ctx), backend)
-            if stats.interrupted:  # a signal: no choice; generation stops at once and the job writes its fallback
+        strategies = [tf.examples.strategy, *(x for x in self.settings.try_examples if x != tf.examples.strategy)]
+        variants: dict[str, ModelVariant] = {}
+        answered: dict[str, dict[str, CaseAnswer]] = {}
+        for strategy in strategies:
+            candidate_tf = with_examples(tf, strategy, tf.examples.k or 4)
+            answers, sample, interrupted = self._answer_validation(sample, candidate_tf, backend)
+            if interrupted:  # a signal: no choice; the job writes the base's answers and exits 3
+                self.summary.interrupted, self.ask_model = True, False
                 return
-            values = predictions(
-                sample, candidate, job.task_type.prediction_key, answers, self.fallback, self.settings.blend
-            )
-            scores[strategy] = task_score(job.task_type, truth, [r[job.task_type.prediction_key] for r in values])
-        if self.fallback.name == VOTE:
-            scores[VOTE] = task_score(job.task_type, truth, [self.fallback(c) for c in sample])
-        # Ties (to 6 decimals: float noise must not decide) go to the Taskfile's strategy, then to the model.
-        best = max(scores, key=lambda name: (round(scores[name], 6), name == tf.examples.strategy, name != VOTE))
-        ranked = sorted(scores.values(), reverse=True)
-        margin = ranked[0] - ranked[1] if len(ranked) > 1 else 0.0
-        log.info("on %d validation cases: %s; using %s (by %.3f)", len(sample), scores, best, margin)
-        self.summary.choice = {"scores": scores, "chosen": best, "validation_cases": len(sample)}
-        if best == VOTE:
-            log.warning("the neighbour vote beat the model on validation: the test set is answered without the model")
+            answered[strategy] = answers
+            name = "llm" if len(strategies) == 1 else f"llm[{strategy}]"
+            variants[name] = ModelVariant(candidate_tf, 0.0, strategy)
+            if self.base_candidate.shares is not None:
+                for w in BLEND_WEIGHTS:
+                    variants[f"{name}+{self.base.name}@{w}"] = ModelVariant(candidate_tf, w, strategy)
+        base_on_sample = Precomputed(self.base_candidate, sample)
+        key = job.task_type.prediction_key
+
+        def answer_with(v: ModelVariant):
+            def predict(cases: Sequence[Any]) -> list[Any]:
+                records = predictions(cases, v.tf, key, answered[v.strategy], base_on_sample, v.blend)
+                return [r[key] for r in records]
+
+            return predict
+
+        choice = choose_with_model(
+            self.base_candidate, {n: answer_with(v) for n, v in variants.items()}, sample, self._metric
+        )
+        self.summary.choice["model"] = choice.as_dict()
+        self.summary.choice["chosen"] = choice.chosen
+        if choice.chosen == self.base.name:
+            log.warning("%s beat the model on validation: the test set is answered without the model", self.base.name)
             backend.close()
             self.ask_model = False
-        elif best != tf.examples.strategy:
-            self.tf = with_examples(tf, best, k)
+            return
+        chosen = variants[choice.chosen]
+        self.blend = chosen.blend
+        if chosen.tf != tf:
+            self.tf = chosen.tf
             self.builder = self._builder(self.tf, self.n_ctx)
+
+    def _answer_validation(
+        self, sample: list[Any], tf: Taskfile, backend: Backend
+    ) -> tuple[dict[str, CaseAnswer], list[Any], bool]:
+        """The model's answers to the validation sample, in chunks; stops early (and shortens the
+        sample) when the test set would no longer fit the time budget at the measured rate."""
+        builder = self._builder(tf, self.n_ctx)
+        chunk = max(4, 2 * backend.n_seq)
+        answers: dict[str, CaseAnswer] = {}
+        started, done = self.budget.clock(), 0
+        while done < len(sample):
+            part, stats = answer_cases(sample[done : done + chunk], builder, backend, chunk_size=chunk)
+            answers.update(part)
+            if stats.interrupted:
+                return answers, sample[:done], True
+            done = min(done + chunk, len(sample))
+            per_case = (self.budget.clock() - started) / done
+            left = self.budget.seconds_left()
+            if left is not None and per_case * (len(self.job.test) + len(sample) - done) > left:
+                log.warning(
+                    "time budget: validation stops after %d of %d cases (%.1f s a report)", done, len(sample), per_case
+                )
+                break
+        return answers, sample[:done], False
 
     def generate(self) -> None:
         """Answer every test report with the model, resuming what the journal already holds."""
@@ -268,8 +366,8 @@ class JobRun:
             self.tf,
             self.job.task_type.prediction_key,
             self.answers,
-            self.fallback,
-            self.settings.blend,
+            self.base,
+            self.blend,
             on_failure=self.summary.count_failure,
         )
 
@@ -286,6 +384,10 @@ class JobRun:
             self.backend.close()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _metric(self, truths: Sequence[Any], values: Sequence[Any]) -> float:
+        """DRAGON's metric for this task."""
+        return task_score(self.job.task_type, truths, values, task_name=self.job.config.task_name)
 
     def _start(self, n_ctx: int) -> Backend:
         assert self.backend is not None

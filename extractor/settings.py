@@ -39,11 +39,12 @@ class Settings:
     examples: str
     k: int | None
     max_output_tokens: int | None
-    fallback: str
     vote_k: int
-    blend: float
     translate: bool
-    choose_examples: int
+    validation_cases: int
+    try_examples: tuple[str, ...]
+    heads: bool
+    embedding_head: str
     time_limit: float | None
     work_dir: Path
     journal: bool
@@ -97,14 +98,25 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--examples", "DRAGON_EXAMPLES", "auto", "auto (as the Taskfile says) | none | retrieved | fixed"),
     ("--k", "DRAGON_K", None, "number of solved examples (default: the Taskfile's)"),
     ("--max-output-tokens", "DRAGON_MAX_OUTPUT_TOKENS", None, "cap on every Taskfile's output budget (tokens)"),
-    ("--fallback", "DRAGON_FALLBACK", "knn", "answer for failed cases: knn (nearest-neighbour vote) | prior"),
     ("--vote-k", "DRAGON_VOTE_K", "8", "neighbours in the nearest-neighbour vote"),
-    ("--blend", "DRAGON_BLEND", "0", "weight of the neighbour vote mixed into model scores (0: model alone)"),
     (
-        "--choose-examples",
-        "DRAGON_CHOOSE_EXAMPLES",
-        "0",
-        "try none/fixed/retrieved examples and the neighbour vote on N validation cases",
+        "--validation-cases",
+        "DRAGON_VALIDATION_CASES",
+        "32",
+        "validation cases the model answers to compete with the trained heads (0: heads and vote only, no model)",
+    ),
+    (
+        "--try-examples",
+        "DRAGON_TRY_EXAMPLES",
+        "",
+        "other example strategies to try on validation, comma list of none, fixed, retrieved (each costs N more)",
+    ),
+    ("--heads", "DRAGON_HEADS", "on", "on | off: train the lexical heads on the training set"),
+    (
+        "--embedding-head",
+        "DRAGON_EMBEDDING_HEAD",
+        "auto",
+        "auto (on with a GPU) | on | off: a linear head on the model's report embeddings",
     ),
     ("--time-limit", "DRAGON_TIME_LIMIT", None, "seconds the job may take; it degrades to finish inside them"),
     ("--work-dir", "DRAGON_WORK_DIR", None, "folder for the checkpoint journal (default: <temp dir>/dragon-extractor)"),
@@ -185,17 +197,19 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         raise SystemExit(f"--reasoning: expected auto, on or off, got {args.reasoning!r}")
     if args.examples not in ("auto", "none", "retrieved", "fixed"):
         raise SystemExit(f"--examples: expected auto, none, retrieved or fixed, got {args.examples!r}")
-    if args.fallback not in ("knn", "prior"):
-        raise SystemExit(f"--fallback: expected knn or prior, got {args.fallback!r}")
+    if args.heads not in ("on", "off"):
+        raise SystemExit(f"--heads: expected on or off, got {args.heads!r}")
+    if args.embedding_head not in ("auto", "on", "off"):
+        raise SystemExit(f"--embedding-head: expected auto, on or off, got {args.embedding_head!r}")
+    try_examples = tuple(x.strip() for x in str(args.try_examples or "").split(",") if x.strip())
+    if unknown := [x for x in try_examples if x not in ("none", "fixed", "retrieved")]:
+        raise SystemExit(f"--try-examples: expected none, fixed or retrieved, got {', '.join(unknown)}")
+    validation_cases = _int_or_none(args.validation_cases, "--validation-cases")
+    if validation_cases is None or validation_cases < 0:
+        raise SystemExit(f"--validation-cases: expected 0 or a positive number, got {args.validation_cases!r}")
     parallel = _int_or_none(args.parallel, "--parallel") or 0
     if parallel < 0:
         raise SystemExit(f"--parallel: expected 0 (automatic) or a positive number, got {args.parallel!r}")
-    try:
-        blend = float(args.blend)
-    except ValueError:
-        raise SystemExit(f"--blend: expected a number in [0, 1], got {args.blend!r}") from None
-    if not 0.0 <= blend <= 1.0:
-        raise SystemExit(f"--blend: expected a number in [0, 1], got {args.blend!r}")
     return Settings(
         input=Path(args.input),
         output=Path(args.output),
@@ -211,11 +225,12 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         examples=args.examples,
         k=_int_or_none(args.k, "--k"),
         max_output_tokens=_int_or_none(args.max_output_tokens, "--max-output-tokens"),
-        fallback=args.fallback,
         vote_k=_positive_int(args.vote_k, "--vote-k"),
-        blend=blend,
         translate=bool(args.translate),
-        choose_examples=_int_or_none(args.choose_examples, "--choose-examples") or 0,
+        validation_cases=validation_cases,
+        try_examples=try_examples,
+        heads=args.heads == "on",
+        embedding_head=args.embedding_head,
         time_limit=_float_or_none(args.time_limit, "--time-limit"),
         work_dir=Path(args.work_dir) if args.work_dir else Path(tempfile.gettempdir()) / "dragon-extractor",
         journal=not args.no_journal,

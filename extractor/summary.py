@@ -84,6 +84,16 @@ class RunSummary:
         self.errors, self.prompt_tokens, self.output_tokens = stats.errors, stats.prompt_tokens, stats.output_tokens
         self.examples = stats.examples
 
+    def _choice_line(self) -> str:
+        """Which candidate answers the test set, and how it won on validation."""
+        chosen = self.choice.get("chosen", "")
+        rounds = [self.choice[r] for r in ("base", "model") if r in self.choice]
+        if not rounds or not any(r["scores"].get(r["chosen"]) is not None for r in rounds):
+            return f"answered by {chosen or 'the model'} (no validation score to choose by)"
+        last = rounds[-1]
+        cases = last["cases"].get(last["chosen"], 0)
+        return f"answered by {chosen}: chosen on {cases} validation cases by {last['margin']:.3f} ({last['scores']})"
+
     def count_failure(self) -> None:
         self.failures += 1
 
@@ -98,17 +108,13 @@ class RunSummary:
                 f"task {self.task_name} (job {self.jobid}) with {self.backend} backend, model {self.model}",
                 f"taskfile {self.taskfile} ({self.taskfile_sha256[:12]})",
                 f"cases {self.cases}: answered {self.answered}, blank {self.blank}, failures {self.failures} "
-                f"(fallback used), retries {self.retries}, truncated prompts {self.truncated}",
+                f"(base answer used), retries {self.retries}, truncated prompts {self.truncated}",
                 f"solved examples shown {self.examples}, resumed from the journal {self.resumed}",
                 f"tokens: prompt {self.prompt_tokens}, output {self.output_tokens}; context {self.n_ctx}",
                 "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
                 f"throughput {rate:.2f} reports/s",
             ]
-            + (
-                [f"chosen on {self.choice['validation_cases']} validation cases: {self.choice['chosen']}"]
-                if self.choice
-                else []
-            )
+            + [self._choice_line()]
             + ([f"errors: {self.errors}"] if self.errors else [])
             + ([f"degraded to fit the time limit: {self.degraded}"] if self.degraded else [])
             + (["interrupted by a signal"] if self.interrupted else [])

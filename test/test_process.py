@@ -14,7 +14,7 @@ from conftest import DEFAULT_MODEL, GROUND_TRUTH, JOBS, REPO, needs_model
 import process
 from extractor import evaluate
 from extractor.adapters import DragonAdapter
-from extractor.fewshot import NeighbourVote, Retriever
+from extractor.heads import train_heads
 from extractor.settings import parse_settings
 from extractor.summary import RunSummary
 
@@ -100,15 +100,17 @@ def test_translation_pass_runs_with_the_default_model(tmp_path: Path) -> None:
 
 
 @needs_model
-def test_examples_strategy_is_chosen_on_validation(tmp_path: Path) -> None:
+def test_example_strategies_compete_with_the_base_on_validation(tmp_path: Path) -> None:
     summary = tmp_path / "s.json"
     args = ["--input", str(JOBS / "Task101_Example_sl_bin_clf-fold0"), "--output", str(tmp_path / "o")]
-    args += ["--max-cases", "1", "--choose-examples", "3", "--summary", str(summary), "--work-dir", str(tmp_path / "w")]
-    assert process.main(args) == 0
+    args += ["--max-cases", "1", "--validation-cases", "3", "--try-examples", "none,fixed"]
+    assert process.main([*args, "--summary", str(summary), "--work-dir", str(tmp_path / "w")]) == 0
     choice = orjson.loads(summary.read_bytes())["choice"]
-    assert set(choice["scores"]) == {"none", "fixed", "retrieved", "vote"} and choice["validation_cases"] == 3
-    best = round(max(choice["scores"].values()), 6)
-    assert round(choice["scores"][choice["chosen"]], 6) == best  # ties (to 6 decimals) keep the Taskfile's
+    base, model = choice["base"], choice["model"]
+    assert {"llm[retrieved]", "llm[none]", "llm[fixed]", base["chosen"]} <= set(model["scores"])
+    assert set(model["cases"].values()) == {3} and set(base["cases"].values()) == {4}
+    best = round(max(v for v in model["scores"].values() if v is not None), 6)
+    assert round(model["scores"][choice["chosen"]], 6) == best
 
 
 @needs_model
@@ -129,33 +131,42 @@ def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Pa
     assert runs["batched"][1]["output_tokens"] == runs["single"][1]["output_tokens"] > 0
 
 
-def _validation_run(tmp_path: Path, flip: bool) -> tuple[RunSummary, list, list]:
-    """Task101 fixture with --choose-examples on the oracle, whose validation answers are the
-    true labels or their opposite; returns the summary, the predictions and the vote's answers."""
-    job_dir = JOBS / "Task101_Example_sl_bin_clf-fold0"
-    label = "single_label_binary_classification_target"
+BIN_LABEL = "single_label_binary_classification_target"
+REG_LABEL = "single_label_regression_target"
+
+
+def _validation_run(tmp_path: Path, task: str, label: str, wrong=None) -> tuple[RunSummary, list, list]:
+    """A fixture job on the oracle, whose validation answers are the true labels or, with `wrong`,
+    wrong ones; returns the summary, the predictions and the base's (the best head's) answers."""
+    job_dir = JOBS / f"{task}-fold0"
     validation = orjson.loads((job_dir / "nlp-validation-dataset.json").read_bytes())
-    truth = orjson.loads((GROUND_TRUTH / "Task101_Example_sl_bin_clf.json").read_bytes())
-    truth += [{"uid": c["uid"], label: (not c[label]) if flip else c[label]} for c in validation]
+    truth = orjson.loads((GROUND_TRUTH / f"{task}.json").read_bytes())
+    truth += [{"uid": c["uid"], label: wrong(c[label]) if wrong else c[label]} for c in validation]
     gt = tmp_path / "truth.json"
     gt.write_bytes(orjson.dumps(truth))
-    args = ["--input", str(job_dir), "--output", str(tmp_path / "o"), "--no-journal", "--choose-examples", "4"]
+    args = ["--input", str(job_dir), "--output", str(tmp_path / "o"), "--no-journal", "--validation-cases", "4"]
     summary = process.run_job(parse_settings(args), backend="oracle", ground_truth=gt)
     job = DragonAdapter().load(job_dir)
-    vote = NeighbourVote(job.train, job.task_type, Retriever(job.train), 8)
+    heads = train_heads(job.train, job.task_type, seed=job.config.jobid)
+    (head,) = [h for h in heads if h.name == summary.choice["base"]["chosen"]]
     preds = [r[job.task_type.prediction_key] for r in orjson.loads((tmp_path / "o" / PRED).read_bytes())]
-    return summary, preds, [vote(c) for c in job.test]
+    return summary, preds, head.predict(job.test)
 
 
 def test_validation_choice_keeps_the_model_that_answers_right(tmp_path: Path) -> None:
-    summary, preds, votes = _validation_run(tmp_path, flip=False)
-    assert summary.choice["scores"]["retrieved"] == 1.0 and summary.choice["chosen"] == "retrieved"
-    assert summary.answered == len(preds) == 6 and preds != votes
+    summary, preds, base = _validation_run(tmp_path, "Task101_Example_sl_bin_clf", BIN_LABEL)
+    assert summary.choice["model"]["scores"]["llm"] == 1.0 and summary.choice["chosen"] == "llm"
+    assert summary.answered == len(preds) == 6 and preds != base
 
 
-def test_vote_answers_the_test_set_when_it_beats_the_model_on_validation(tmp_path: Path) -> None:
-    summary, preds, votes = _validation_run(tmp_path, flip=True)
-    scores = summary.choice["scores"]
-    assert summary.choice["chosen"] == "vote" and scores["vote"] > max(scores["none"], scores["fixed"])
-    assert summary.answered == 0 and preds == votes  # the model was not asked about the test set
-    assert "chosen on 4 validation cases: vote" in summary.log_lines()
+def test_the_base_answers_the_test_set_when_it_beats_the_model_on_validation(tmp_path: Path) -> None:
+    """Regression has no blends, so the model alone meets the base; its wrong validation answers lose."""
+    summary, preds, base = _validation_run(tmp_path, "Task106_Example_sl_reg", REG_LABEL, wrong=lambda v: v * 7 + 50)
+    model = summary.choice["model"]
+    assert summary.choice["chosen"] == summary.choice["base"]["chosen"] != "llm"
+    assert model["scores"]["llm"] < model["scores"][summary.choice["chosen"]]
+    assert summary.answered == 0 and preds == base  # the model was not asked about the test set
+    assert any(
+        line.startswith(f"answered by {summary.choice['chosen']}: chosen on 4 validation cases")
+        for line in summary.log_lines()
+    )

@@ -1,0 +1,207 @@
+"""Choosing per job what answers the test set: the LLM, a trained head, the vote, or a blend.
+
+Every candidate is scored on the job's validation set with DRAGON's own metric for the task
+(`extractor.metrics.task_score`). The validation set only chooses; no candidate learns from it.
+
+Two rounds, because the model is costly and the heads are not:
+1. every model-free candidate (the heads, the neighbour vote, the training prior) predicts every
+   validation case; the best becomes the *base*: the answer for every case the model does not
+   answer (failures, the time budget, a model that loses);
+2. the model answers the first N validation cases; the model alone and its blends with the
+   base are compared with the base on those same N cases. The model answers the test set only if
+   one of them beats the base.
+Ties in round 1 go to the more specific candidate (heads, then the vote, then the prior); in round
+2 to the model (the model alone, then lighter blends): the base must beat the model outright.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from extractor.dragon_io import Case
+from extractor.tasktypes import TaskType, ValueKind
+
+log = logging.getLogger(__name__)
+
+DECIMALS = 6  # scores equal to 6 decimals are a tie: float noise must not decide
+BLEND_WEIGHTS = (0.25, 0.5, 0.75)  # weight of the base's probabilities in a blend with the model
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A way to answer cases without the model: `predict` gives DRAGON values for cases, `shares`
+    (classification only) each position's label probabilities, which a blend mixes in."""
+
+    name: str
+    predict: Callable[[Sequence[Case]], list[Any]]
+    shares: Callable[[Sequence[Case]], list[list[dict[Any, float]]]] | None = None
+    cost: int = 0  # tie-breaker: lower wins
+
+
+@dataclass(frozen=True)
+class Scored:
+    name: str
+    score: float | None  # None: the candidate failed on these cases
+    cases: int
+    error: str | None = None
+
+
+@dataclass
+class Choice:
+    """What a round chose, every candidate's score, and by how much the winner won."""
+
+    chosen: str
+    scores: list[Scored] = field(default_factory=list)
+
+    @property
+    def margin(self) -> float:
+        valid = sorted((s.score for s in self.scores if s.score is not None), reverse=True)
+        return valid[0] - valid[1] if len(valid) > 1 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "margin": round(self.margin, DECIMALS),
+            "scores": {s.name: None if s.score is None else round(s.score, DECIMALS) for s in self.scores},
+            "cases": {s.name: s.cases for s in self.scores},
+            **(
+                {"errors": {s.name: s.error for s in self.scores if s.error}}
+                if any(s.error for s in self.scores)
+                else {}
+            ),
+        }
+
+
+def score_candidates(
+    predictions: Mapping[str, Callable[[], list[Any]]],
+    truths: Sequence[Any],
+    metric: Callable[[Sequence[Any], Sequence[Any]], float],
+) -> list[Scored]:
+    """Each candidate's metric on the same cases; a candidate that raises is scored None, not fatal."""
+    scored = []
+    for name, predict in predictions.items():
+        try:
+            values = predict()
+            if len(values) != len(truths):
+                raise ValueError(f"{len(values)} predictions for {len(truths)} cases")
+            scored.append(Scored(name, float(metric(truths, values)), len(truths)))
+        except Exception as err:  # noqa: BLE001 - one broken candidate must not end the job
+            log.warning("candidate %s failed on validation: %s", name, err)
+            scored.append(Scored(name, None, len(truths), error=str(err)[:200]))
+    return scored
+
+
+def pick(scored: Sequence[Scored], cost: Mapping[str, int]) -> Choice:
+    """The best score; ties (to DECIMALS) go to the lower cost, then to the earlier candidate.
+    With no valid score at all, the first candidate (the cheapest fallback) is chosen."""
+    order = {s.name: i for i, s in enumerate(scored)}
+    valid = [s for s in scored if s.score is not None]
+    if not valid:
+        return Choice(scored[0].name if scored else "", list(scored))
+    best = max(valid, key=lambda s: (round(s.score or 0.0, DECIMALS), -cost.get(s.name, 0), -order[s.name]))
+    return Choice(best.name, list(scored))
+
+
+def choose_base(candidates: Sequence[Candidate], validation: Sequence[Case], metric) -> Choice:
+    """Round 1: the best model-free candidate on every validation case. Without validation cases
+    (or labels) there is nothing to compare: the first candidate (the most specific head) wins."""
+    if not candidates:
+        raise ValueError("no model-free candidate: the training prior should always be one")
+    if not validation:
+        log.warning("no validation cases: cannot compare candidates; using %s", candidates[0].name)
+        return Choice(candidates[0].name, [Scored(c.name, None, 0) for c in candidates])
+    truths = [c.label for c in validation]
+    scored = score_candidates({c.name: (lambda c=c: c.predict(validation)) for c in candidates}, truths, metric)
+    choice = pick(scored, {c.name: c.cost for c in candidates})
+    log.info(
+        "validation (%d cases), model-free candidates: %s; base: %s (by %.3f)",
+        len(validation),
+        _fmt(choice.scores),
+        choice.chosen,
+        choice.margin,
+    )
+    return choice
+
+
+def _fmt(scores: Sequence[Scored]) -> str:
+    return ", ".join(f"{s.name} {'failed' if s.score is None else f'{s.score:.3f}'}" for s in scores)
+
+
+def choose_with_model(
+    base: Candidate,
+    model_variants: Mapping[str, Callable[[Sequence[Case]], list[Any]]],
+    sample: Sequence[Case],
+    metric,
+) -> Choice:
+    """Round 2: the base against the model's variants (the model alone, blends, example
+    strategies), all on the same validation sample; variants listed cheapest first."""
+    truths = [c.label for c in sample]
+    predictions: dict[str, Callable[[], list[Any]]] = {base.name: lambda: base.predict(sample)}
+    for name, predict in model_variants.items():
+        predictions[name] = lambda predict=predict: predict(sample)
+    scored = score_candidates(predictions, truths, metric)
+    # A tie goes to the model (the variants in their order), as a model that matches the base on
+    # validation is expected to generalise at least as well; the base must win outright.
+    cost = {name: i for i, name in enumerate(model_variants)} | {base.name: len(model_variants)}
+    choice = pick(scored, cost)
+    log.info(
+        "validation (%d cases), with the model: %s; using %s (by %.3f)",
+        len(sample),
+        _fmt(choice.scores),
+        choice.chosen,
+        choice.margin,
+    )
+    return choice
+
+
+@runtime_checkable
+class WithProbabilities(Protocol):
+    """A head that also gives each position's label probabilities (classification heads)."""
+
+    name: str
+
+    def predict(self, cases: Sequence[Case]) -> list[Any]: ...
+
+    def probabilities(self, cases: Sequence[Case]) -> list[list[dict[Any, float]]]: ...
+
+
+def head_candidate(head: Any) -> Candidate:
+    """A trained head as a candidate; its probabilities, where it has them, are what blends mix in."""
+    shares = head.probabilities if isinstance(head, WithProbabilities) else None
+    return Candidate(head.name, head.predict, shares)
+
+
+def fallback_candidate(fallback: Any, ttype: TaskType) -> Candidate:
+    """The vote or the prior as a candidate (case by case); shares only where labels are scored."""
+    blendable = ttype.kind in (ValueKind.BINARY, ValueKind.CLASS)
+
+    def shares(cases: Sequence[Case]) -> list[Any]:
+        return [fallback.shares(c) for c in cases]
+
+    has_shares = blendable and fallback.name != "prior"
+    return Candidate(fallback.name, lambda cases: [fallback(c) for c in cases], shares if has_shares else None)
+
+
+class Precomputed:
+    """A candidate's answers for a fixed set of cases, as the pipeline's Fallback: computed once,
+    in one vectorised call, then looked up case by case."""
+
+    def __init__(self, candidate: Candidate, cases: Sequence[Case]) -> None:
+        self.name = candidate.name
+        values = candidate.predict(cases) if cases else []
+        shares = candidate.shares(cases) if candidate.shares and cases else None
+        self._values = {c.uid: v for c, v in zip(cases, values, strict=True)}
+        self._shares = {c.uid: s for c, s in zip(cases, shares, strict=True)} if shares is not None else None
+
+    def __call__(self, case: Case) -> Any:
+        return self._values[case.uid]
+
+    def shares(self, case: Case) -> list[dict[Any, float]] | None:
+        return None if self._shares is None else self._shares[case.uid]
+
+    @property
+    def blendable(self) -> bool:
+        return self._shares is not None

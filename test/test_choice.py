@@ -1,0 +1,179 @@
+"""The validation choice with scripted candidates: ties, failures, no validation set, and the
+pipeline's two rounds on small jobs (no model: the oracle and scripted answers)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import write_job
+
+import process
+from extractor.choice import Candidate, Precomputed, Scored, choose_base, choose_with_model, pick
+from extractor.dragon_io import Case, load_job, verify_predictions
+from extractor.settings import parse_settings
+
+PRED = "nlp-predictions-dataset.json"
+
+
+def agreement(truths, values) -> float:
+    return sum(t == v for t, v in zip(truths, values, strict=True)) / len(truths)
+
+
+def const(name: str, value, cost: int = 0) -> Candidate:
+    return Candidate(name, lambda cases: [value] * len(cases), cost=cost)
+
+
+VAL = [Case(str(i), text="x", label="a" if i < 3 else "b") for i in range(4)]
+
+
+def test_the_best_candidate_wins_and_the_margin_is_reported() -> None:
+    choice = choose_base([const("always-b", "b"), const("always-a", "a")], VAL, agreement)
+    assert choice.chosen == "always-a" and choice.margin == pytest.approx(0.5)
+    assert choice.as_dict()["scores"] == {"always-b": 0.25, "always-a": 0.75}
+
+
+def test_ties_to_six_decimals_go_to_the_lower_cost_then_the_earlier() -> None:
+    scored = [Scored("x", 0.5 + 1e-9, 4), Scored("y", 0.5, 4), Scored("z", 0.5, 4)]
+    assert pick(scored, {"x": 1, "y": 0, "z": 0}).chosen == "y"
+    assert pick(scored, {}).chosen == "x"
+
+
+def test_a_candidate_that_fails_is_scored_none_and_never_chosen(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(cases):
+        raise RuntimeError("head exploded")
+
+    choice = choose_base([Candidate("broken", broken), const("always-b", "b")], VAL, agreement)
+    assert choice.chosen == "always-b"
+    assert choice.as_dict()["scores"]["broken"] is None and "head exploded" in choice.as_dict()["errors"]["broken"]
+    assert "candidate broken failed on validation" in caplog.text
+
+
+def test_a_wrong_number_of_predictions_is_a_failure() -> None:
+    short = Candidate("short", lambda cases: ["a"])
+    assert choose_base([short, const("always-a", "a")], VAL, agreement).chosen == "always-a"
+
+
+def test_no_validation_cases_keeps_the_first_candidate(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        choice = choose_base([const("head", "a"), const("prior", "b")], [], agreement)
+    assert choice.chosen == "head" and "no validation cases" in caplog.text
+
+
+def test_the_model_wins_ties_and_the_base_must_win_outright() -> None:
+    base = const("head", "a")
+    tie = choose_with_model(base, {"llm": lambda cases: ["a"] * len(cases)}, VAL, agreement)
+    assert tie.chosen == "llm"
+    worse = choose_with_model(base, {"llm": lambda cases: ["b"] * len(cases)}, VAL, agreement)
+    assert worse.chosen == "head"
+
+
+def test_precomputed_answers_are_computed_once_and_looked_up() -> None:
+    calls = []
+
+    def predict(cases):
+        calls.append(len(cases))
+        return [c.uid for c in cases]
+
+    pre = Precomputed(Candidate("h", predict, shares=lambda cases: [[{"a": 1.0}] for _ in cases]), VAL)
+    assert [pre(c) for c in VAL] == ["0", "1", "2", "3"] and calls == [4]
+    assert pre.shares(VAL[0]) == [{"a": 1.0}] and pre.blendable
+
+
+LABEL = "single_label_multi_class_classification_target"
+
+
+def _words_job(tmp_path: Path, *, validation: bool = True, one_class: bool = False) -> Path:
+    """A job a head learns at once: the label is the report's colour word."""
+    colours = ["rood", "groen", "blauw"]
+
+    def rec(prefix: str, i: int, labelled: bool) -> dict:
+        colour = colours[0] if one_class else colours[i % 3]
+        r = {"uid": f"{prefix}{i}", "text": f"verslag {i}: de laesie is {colour} gekleurd"}
+        return {**r, LABEL: colour} if labelled else r
+
+    return write_job(
+        tmp_path / "job",
+        label_name=LABEL,
+        train=[rec("t", i, True) for i in range(30)],
+        validation=[rec("v", i, True) for i in range(9)] if validation else [],
+        test=[rec("x", i, False) for i in range(6)],
+    )
+
+
+def _run(tmp_path: Path, job: Path, *extra: str, backend: str = "llama"):
+    args = ["--input", str(job), "--output", str(tmp_path / "out"), "--no-journal", *extra]
+    summary = process.run_job(parse_settings(args), backend=backend)
+    records = orjson.loads((tmp_path / "out" / PRED).read_bytes())
+    verify_predictions(records, load_job(job))
+    return summary, records
+
+
+def test_validation_cases_0_answers_with_the_best_head_without_any_model(tmp_path: Path) -> None:
+    summary, records = _run(tmp_path, _words_job(tmp_path), "--validation-cases", "0", "--model", "/nonexistent")
+    assert summary.choice["chosen"] not in ("vote", "prior") and summary.answered == 0
+    assert [r["single_label_multi_class_classification"] for r in records] == ["rood", "groen", "blauw"] * 2
+
+
+def test_no_validation_set_still_ends_with_valid_predictions(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        summary, records = _run(tmp_path, _words_job(tmp_path, validation=False), backend="prior")
+    assert len(records) == 6 and "no validation cases" in caplog.text
+
+
+def test_a_one_class_training_set_gets_the_prior_with_a_log_line(tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO):
+        summary, records = _run(tmp_path, _words_job(tmp_path, one_class=True), "--validation-cases", "0")
+    assert {r["single_label_multi_class_classification"] for r in records} == {"rood"}
+    assert "single class" in caplog.text
+
+
+def test_a_head_failing_on_the_test_set_never_costs_the_job(tmp_path: Path, monkeypatch) -> None:
+    """If the chosen base cannot predict the test set, the next candidate answers it."""
+    from extractor import heads
+
+    real = heads.train_heads
+
+    def flaky(train, ttype, *, seed=0):
+        trained = real(train, ttype, seed=seed)
+        for head in trained:
+            original = head.predict
+            head.predict = lambda cases, original=original: (
+                original(cases) if cases and cases[0].uid.startswith("v") else (_ for _ in ()).throw(MemoryError())
+            )
+        return trained
+
+    monkeypatch.setattr("extractor.pipeline.train_heads", flaky)
+    summary, records = _run(tmp_path, _words_job(tmp_path), "--validation-cases", "0")
+    assert len(records) == 6 and summary.choice["chosen"] in ("vote", "prior")
+
+
+def test_validation_answers_stop_when_the_test_set_would_not_fit_the_time_left(tmp_path: Path) -> None:
+    """Each report costs 10 s of a fake clock; with 100 s left and 6 test reports, the model answers
+    only the validation chunks that leave time for the test set."""
+    from types import SimpleNamespace
+
+    from test_resilience import FakeClock, Timed
+
+    from extractor.adapters import DragonAdapter
+    from extractor.backend import PlainTokenizer
+    from extractor.fewshot import Retriever
+    from extractor.generation import TimeBudget
+    from extractor.pipeline import JobRun
+
+    job_dir = _words_job(tmp_path)
+    clock = FakeClock()
+    run = JobRun(parse_settings(["--input", str(job_dir)]), DragonAdapter())
+    run.load_job()
+    run.pick_taskfile()
+    run.retriever = Retriever(run.job.train)
+    run.backend = SimpleNamespace(tokenizer=PlainTokenizer())
+    run.n_ctx = 100_000
+    run.budget = TimeBudget(deadline=130.0, reserve_s=0.0, clock=clock)
+    backend = Timed(clock, lambda r: 10.0)
+    backend.n_seq = 2
+    answers, sample, interrupted = run._answer_validation(list(run.job.validation), run.tf, backend)
+    assert not interrupted and len(sample) == 4 < len(run.job.validation)  # 40 s spent, 60 s for 6 test reports
+    assert set(answers) == {c.uid for c in sample}

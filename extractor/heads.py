@@ -19,7 +19,7 @@ import math
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -638,23 +638,29 @@ class NerHead:
         return [sorted(t) if t else ["O"] for t in per_word]
 
 
+def _all_word_features(train: Sequence[Case]) -> Iterator[list[str]]:
+    """Word features one word at a time, so that only the sparse matrix is ever held in memory."""
+    for case in train:
+        words = list(case.parts or ())
+        for i in range(len(words)):
+            yield _word_features(words, i)
+
+
 def _train_ner(train: Sequence[Case], ttype: TaskType, seed: int) -> list[Head]:
-    rows: list[list[str]] = []
     ys: list[str] = []
     examples: list[tuple[list[str], str, frozenset[int]]] = []
     for case in train:
         words = list(case.parts or ())
-        for i in range(len(words)):
-            rows.append(_word_features(words, i))
-            ys.append(_base_tag(case.label[i]) if ttype.multi else str(case.label[i]))
+        ys += [_base_tag(t) if ttype.multi else str(t) for t in case.label[: len(words)]]
         if ttype.multi:
             examples += _item_examples(words, case.label)
     if len(set(ys)) < 2:
         log.info("heads: the training tags are all %r; no NER head", ys[0] if ys else "O")
         return []
     vectorizer = _feature_vectorizer()
+    x = vectorizer.fit_transform(_all_word_features(train))
     model = LogisticRegression(C=1.0, max_iter=MAX_ITER, random_state=seed)
-    model.fit(vectorizer.fit_transform(rows), ys)
+    model.fit(x, ys)
     markers = MarkerTable().fit(examples) if ttype.multi else None
     classes = [str(t) for t in model.classes_]
     sequences = [[_base_tag(t) if ttype.multi else str(t) for t in case.label] for case in train if case.parts]
@@ -663,9 +669,9 @@ def _train_ner(train: Sequence[Case], ttype: TaskType, seed: int) -> list[Head]:
         NerHead("word-lr-viterbi", ttype, vectorizer, model, markers, tag_transitions(sequences, classes)),
     ]
     if ttype.multi:  # the alternative: learn the numbered tags themselves, word by word
-        full = [_joined(case.label[i]) for case in train for i in range(len(case.parts or ()))]
+        full = [_joined(t) for case in train for t in case.label[: len(case.parts or ())]]
         learned = LogisticRegression(C=1.0, max_iter=MAX_ITER, random_state=seed)
-        learned.fit(vectorizer.transform(rows), full)
+        learned.fit(x, full)
         heads.append(NerHead("word-lr-items-learned", ttype, vectorizer, learned, None))
     return heads
 

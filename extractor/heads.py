@@ -5,7 +5,7 @@ Candidates beside the LLM and the neighbour vote, chosen per task on the validat
   label position; probabilities on binary fields, training labels on label fields;
 - regression: which number in the report is the answer (a classifier over the numbers found,
   Dutch decimal commas included, with the unit factor as part of its class);
-- NER: a per-word classifier on the word, its shape and affixes and two neighbours each side, BIO
+- NER: a per-word classifier on the word, its shape and affixes and three neighbours each side, BIO
   repair, only training tags; numbered items (multi-label NER) from learned item markers.
 
 Only `Case.label` of the training cases is read; validation and test cases are only predicted.
@@ -14,6 +14,7 @@ Everything is seeded (fixed `random_state`) and sparse, with bounded vocabularie
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.pipeline import FeatureUnion
 from threadpoolctl import threadpool_limits
 
 from extractor.dragon_io import Case
@@ -45,12 +47,11 @@ def single_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run with one BLAS/OpenMP thread: these models are small, and on a shared CPU the default
     thread pools made training ten times slower (measured on 2 busy cores)."""
 
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with threadpool_limits(limits=1):
             return fn(*args, **kwargs)
 
-    wrapper.__doc__ = fn.__doc__
-    wrapper.__name__ = fn.__name__
     return wrapper
 
 
@@ -84,8 +85,6 @@ def _numbers_as_token(text: str) -> str:
 def _vectorizer(counts: bool) -> Any:
     """TF-IDF word 1-2-grams and char 2-5-grams; with `counts`, also raw counts of word 2-4-grams
     with numbers replaced by one token, so that a linear model can count ("3 lesions of NUM cm")."""
-    from sklearn.pipeline import FeatureUnion
-
     extra = (
         [
             (

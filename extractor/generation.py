@@ -214,6 +214,7 @@ def _answer_chunk(
     pending = list(chunk)
     engine_failed: set[str] = set()
     given_up: list[Case] = []
+    rescore: list[Case] = []  # answered after a reasoning: scored again without it (Taskfile option)
     previous: Attempt | None = None
     for number, attempt in enumerate(plan, start=1):
         if attempt == previous:
@@ -267,7 +268,9 @@ def _answer_chunk(
                 entry.likelihoods = result.likelihoods
                 entry.error = None
                 stats.answered += 1
-                if on_result:
+                if attempt.reasoning and tf.reasoning.scores == "without_reasoning":
+                    rescore.append(case)
+                elif on_result:
                     on_result(entry)
             except AnswerError as err:
                 entry.error = str(err)
@@ -275,10 +278,47 @@ def _answer_chunk(
                 log.debug("uid %s attempt %d failed: %s", result.uid, number, err)
                 failed.append(case)
         pending = failed
+    if rescore:
+        _score_without_reasoning(rescore, builder, backend, answers, stats, use_examples=level < 2)
+        for case in rescore:
+            if on_result:
+                on_result(answers[case.uid])
     for case in given_up + pending:
         stats.failures += 1
         if on_result:
             on_result(answers[case.uid])
+
+
+def _score_without_reasoning(
+    cases: Sequence[Case],
+    builder: PromptBuilder,
+    backend: Generator,
+    answers: dict[str, CaseAnswer],
+    stats: GenerationStats,
+    *,
+    use_examples: bool,
+) -> None:
+    """The label likelihoods of the same prompt with the reasoning omitted: after a chain of
+    thought they sit near 0 or 1, which leaves AUROC with ties. Only the yes/no fields' scores (the
+    probabilities) come from here; label fields keep their reasoned answer. A failed rescoring
+    keeps the reasoned scores."""
+    tf = builder.tf
+    requests = [
+        builder.build(c, reasoning=False, max_tokens=tf.max_output_tokens, attempt=1, use_examples=use_examples).request
+        for c in cases
+    ]
+    for result in _generate(backend, requests):
+        check_stop()
+        entry = answers[result.uid]
+        entry.prompt_tokens += result.prompt_tokens
+        entry.output_tokens += result.output_tokens
+        stats.prompt_tokens += result.prompt_tokens
+        stats.output_tokens += result.output_tokens
+        if result.error or not result.finished or not result.likelihoods:
+            log.debug("uid %s: no scores without reasoning (%s); keeping the reasoned ones", result.uid, result.error)
+            continue
+        ranked = {f.name for f in tf.fields if f.type == "boolean"}
+        entry.likelihoods = {**entry.likelihoods, **{k: v for k, v in result.likelihoods.items() if k in ranked}}
 
 
 def _generate(backend: Generator, requests: Iterable[Request]):

@@ -86,6 +86,10 @@ class Reasoning(BaseModel):
 
     enabled: bool = False
     max_chars: int = Field(default=400, ge=20, le=4000)
+    # Where the yes/no likelihoods (the AUROC probabilities) come from when reasoning
+    # is on: after the reasoning (near 0/1: AUROC sees ties), or from the same prompt asked again
+    # without it (a ranking; one more short generation per report).
+    scores: Literal["after_reasoning", "without_reasoning"] = "after_reasoning"
 
 
 class Examples(BaseModel):

@@ -125,3 +125,50 @@ def test_an_identical_retry_is_only_made_after_an_engine_error() -> None:
     assert not answers["looping"].ok and answers["looping"].attempts == 2
     assert answers["crashed"].answer == {"size": 4.0}
     assert stats.failures == 1 and stats.retries == 3
+
+
+def test_scores_without_reasoning_rank_while_the_answer_keeps_its_reasoning() -> None:
+    """Reasoning on with `scores: without_reasoning`: a second request without the reasoning field
+    gives the yes/no likelihoods (a ranking); the journal sees the answer once, rescored."""
+    from extractor.backend import PlainTokenizer, Result
+    from extractor.dragon_io import Case
+    from extractor.generation import answer_cases
+    from extractor.prompts import PromptBuilder
+    from extractor.taskfiles import Taskfile
+
+    tf = Taskfile.model_validate(
+        {
+            "task_names": ["T"],
+            "label_name": "single_label_binary_classification_target",
+            "instructions": "x",
+            "fields": [{"name": "present", "type": "boolean"}],
+            "reasoning": {"enabled": True, "max_chars": 50, "scores": "without_reasoning"},
+        }
+    )
+
+    class TwoWays:
+        name = "two-ways"
+
+        def __init__(self) -> None:
+            self.asked: list[bool] = []
+
+        def generate(self, requests):
+            for req in requests:
+                reasoned = "reasoning" in req.schema["properties"]
+                self.asked.append(reasoned)
+                text = '{"reasoning": "r", "present": true}' if reasoned else '{"present": true}'
+                score = {"true": -0.01, "false": -6.0} if reasoned else {"true": -0.5, "false": -0.9}
+                yield Result(uid=req.uid, text=text, likelihoods={"present": score})
+
+    backend = TwoWays()
+    builder = PromptBuilder(tf, PlainTokenizer(), truncation_side="left", context_limit=100_000)
+    seen = []
+    answers, stats = answer_cases([Case("a", text="x"), Case("b", text="y")], builder, backend, on_result=seen.append)
+    assert backend.asked == [True, True, False, False]
+    assert answers["a"].likelihoods["present"] == {"true": -0.5, "false": -0.9}
+    assert stats.answered == 2 and [a.uid for a in seen] == ["a", "b"]
+    plain = tf.model_copy(update={"reasoning": tf.reasoning.model_copy(update={"scores": "after_reasoning"})})
+    backend = TwoWays()
+    builder = PromptBuilder(plain, PlainTokenizer(), truncation_side="left", context_limit=100_000)
+    answers, _ = answer_cases([Case("a", text="x")], builder, backend)
+    assert backend.asked == [True] and answers["a"].likelihoods["present"]["true"] == -0.01

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Write the image (and optionally the model) as .tar.gz files for upload to Grand Challenge.
 #
-# Usage: ./export.sh [--tag TAG] [--out DIR] [--model-tarball] [--model FILE] [--no-image]
-#   --tag TAG        image to export [default $DOCKER_TAG or dragon-llm-extractor:latest]
+# Usage: ./export.sh [--cuda | --cpu] [--tag TAG] [--out DIR] [--model-tarball] [--model FILE] [--no-image]
+#   --cuda, --cpu    which flavour's image to export when --tag is not given [default --cuda:
+#                    dragon-llm-extractor:latest, the image for the platform's GPUs; --cpu:
+#                    dragon-llm-extractor:cpu]
+#   --tag TAG        image to export [default $DOCKER_TAG, else the flavour's tag]
 #   --out DIR        where the files go [default runs/export/, git-ignored]
 #   --model-tarball  also write DIR/model.tar.gz with the GGUF at its root, for the algorithm's
 #                    model upload (Grand Challenge extracts it to /opt/ml/model/ at every job,
@@ -13,7 +16,10 @@
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-tag="${DOCKER_TAG:-dragon-llm-extractor:latest}"
+# shellcheck source=scripts/docker_common.sh
+source "${repo_root}/scripts/docker_common.sh"
+flavour=cuda
+tag=""
 out="${repo_root}/runs/export"
 model="SmolLM2-135M-Instruct.Q4_1.gguf"
 model_tarball=0
@@ -26,6 +32,8 @@ die() {
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
+        --cuda) flavour=cuda; shift ;;
+        --cpu) flavour=cpu; shift ;;
         --tag) tag="${2:?--tag needs a tag}"; shift 2 ;;
         --out) out="${2:?--out needs a directory}"; shift 2 ;;
         --model-tarball) model_tarball=1; shift ;;
@@ -36,6 +44,8 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ ${image} -eq 1 || ${model_tarball} -eq 1 ]] || die "nothing to do (--no-image without --model-tarball)"
+[[ -n "${tag}" ]] || tag="$(default_tag "${flavour}")"
+docker="$(docker_cli)"
 
 # pigz compresses on every core; gzip otherwise.
 gz=(gzip -c)
@@ -46,13 +56,14 @@ fi
 mkdir -p "${out}"
 
 if [[ ${image} -eq 1 ]]; then
-    command -v docker >/dev/null 2>&1 || die "docker is not installed"
-    docker info >/dev/null 2>&1 || die "no Docker engine answers"
-    docker image inspect "${tag}" >/dev/null 2>&1 || die "no image ${tag}: build it with ./build.sh --tag ${tag}"
+    command -v "${docker}" >/dev/null 2>&1 || die "docker is not installed"
+    "${docker}" info >/dev/null 2>&1 || die "no Docker engine answers"
+    "${docker}" image inspect "${tag}" >/dev/null 2>&1 ||
+        die "no image ${tag}: build it with ./build.sh --${flavour} --tag ${tag}"
     name="$(printf '%s' "${tag}" | tr '/:@' '__-')"
     image_out="${out}/${name}.tar.gz"
     echo "export.sh: docker save ${tag} | gzip > ${image_out}"
-    docker save "${tag}" | "${gz[@]}" >"${image_out}.part"
+    "${docker}" save "${tag}" | "${gz[@]}" >"${image_out}.part"
     mv -f "${image_out}.part" "${image_out}"
     echo "export.sh: wrote ${image_out} ($(du -h "${image_out}" | cut -f1))"
     (cd "${out}" && sha256sum "$(basename "${image_out}")")

@@ -8,23 +8,28 @@
 #   GROUND_TRUTH_DIR   dragon-eval ground truth (<Task>.json) [default test/fixtures/ground-truth
 #                      when INPUT_DIR is defaulted too; none otherwise: verification only]
 # Options:
+#   --cuda | --cpu     which image flavour to run when --tag is not given: dragon-llm-extractor:latest
+#                      (cuda) or dragon-llm-extractor:cpu [default: cuda where an NVIDIA container
+#                      runtime is present, else cpu]
 #   --no-docker        run `python process.py` in scripts/sandbox_run.sh (non-root, no network,
 #                      read-only input, empty TMPDIR, RLIMIT_DATA) instead of the image
 #   --min-score X      fail when the overall score is below X [default 0]
 #   --max-cases N      predict and check only the first N test cases of each job
-#   --tag TAG          image to run [default $DOCKER_TAG or dragon-llm-extractor:latest]
+#   --tag TAG          image to run [default $DOCKER_TAG, else the flavour's tag]
 #   --output DIR       where predictions and logs go [default runs/test-<date>-<pid>]
 #   --memory SIZE      memory limit, as docker --memory and RLIMIT_DATA [default $TEST_MEMORY or 15g]
 #   --timeout SECONDS  per-job time limit [default $TEST_TIMEOUT or none]
 #   --allow-cpu        pass --allow-cpu to process.py (run on the CPU although a GPU is visible)
 # Environment: PYTHON (default .venv/bin/python, else python3) runs process.py (--no-docker) and
 # the evaluation; DOCKER_GPUS=all|none overrides the GPU detection; DRAGON_* variables are
-# passed on to process.py (DRAGON_MODEL only with --no-docker).
+# passed on to process.py (DRAGON_MODEL only with --no-docker); DOCKER picks the docker client.
 # The last line printed is `overall <score>` (with ground truth) or `verified <n> jobs`.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "${repo_root}"
+# shellcheck source=scripts/docker_common.sh
+source "${repo_root}/scripts/docker_common.sh"
 
 die() {
     echo "test.sh: $*" >&2
@@ -35,7 +40,8 @@ use_docker=1
 min_score=0
 min_score_set=0
 max_cases=""
-tag="${DOCKER_TAG:-dragon-llm-extractor:latest}"
+tag=""
+flavour=""
 out_root=""
 memory="${TEST_MEMORY:-15g}"
 timeout_s="${TEST_TIMEOUT:-0}"
@@ -45,6 +51,8 @@ positional=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --no-docker) use_docker=0; shift ;;
+        --cuda) flavour=cuda; shift ;;
+        --cpu) flavour=cpu; shift ;;
         --min-score) min_score="${2:?--min-score needs a number}"; min_score_set=1; shift 2 ;;
         --max-cases) max_cases="${2:?--max-cases needs a number}"; shift 2 ;;
         --tag) tag="${2:?--tag needs a tag}"; shift 2 ;;
@@ -115,33 +123,41 @@ while IFS= read -r name; do
 done < <(compgen -e)
 
 if [[ ${use_docker} -eq 1 ]]; then
-    command -v docker >/dev/null 2>&1 ||
+    docker="$(docker_cli)"
+    command -v "${docker}" >/dev/null 2>&1 ||
         die "docker is not installed; use --no-docker to run without it"
-    docker info >/dev/null 2>&1 ||
+    "${docker}" info >/dev/null 2>&1 ||
         die "no Docker engine answers; use --no-docker to run without it"
-    docker image inspect "${tag}" >/dev/null 2>&1 || die "no image ${tag}: build it with ./build.sh"
+    if [[ -z "${tag}" ]]; then
+        [[ -n "${flavour}" ]] || flavour="$(auto_flavour)"
+        tag="$(default_tag "${flavour}")"
+    fi
+    "${docker}" image inspect "${tag}" >/dev/null 2>&1 ||
+        die "no image ${tag}: build it with ./build.sh${flavour:+ --${flavour}}"
+    image_flavour="$("${docker}" image inspect --format \
+        '{{index .Config.Labels "org.dragon-llm-extractor.flavour"}}' "${tag}" 2>/dev/null || true)"
     gpus="${DOCKER_GPUS:-}"
     if [[ -z "${gpus}" ]]; then
         gpus=none
-        if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q nvidia ||
-            command -v nvidia-container-cli >/dev/null 2>&1; then
+        if [[ "${image_flavour}" != cpu ]] && nvidia_runtime_present; then
             gpus=all
         fi
     fi
+    # DRAGON's test script's flags (dragon_baseline's test.sh), --gpus=all where there is a GPU.
     docker_flags=(--memory="${memory}" --memory-swap="${memory}" --network=none --cap-drop=ALL
         --security-opt=no-new-privileges --shm-size=128m --pids-limit=256)
     if [[ "${gpus}" == all ]]; then
         docker_flags=(--gpus=all "${docker_flags[@]}")
-    else
-        # No NVIDIA runtime: the image's CUDA build then needs the CUDA forward-compat libcuda
-        # (in the base image) to load at all; llama.cpp finds no device and runs on the CPU.
-        echo "test.sh: no NVIDIA container runtime found: running the image without a GPU" >&2
+    elif [[ "${image_flavour}" != cpu ]]; then
+        # The CUDA image without an NVIDIA runtime needs the CUDA forward-compat libcuda (in the
+        # base image) to load at all; llama.cpp then finds no device and runs on the CPU.
+        echo "test.sh: no NVIDIA container runtime found: running the CUDA image without a GPU" >&2
         docker_flags+=(-e "LD_LIBRARY_PATH=${DOCKER_CPU_LD_LIBRARY_PATH:-/usr/local/cuda-12.4/compat}")
     fi
     for name in "${dragon_vars[@]}"; do
         [[ "${name}" == DRAGON_MODEL ]] || docker_flags+=(-e "${name}")
     done
-    echo "test.sh: ${#jobs[@]} job(s) from ${input_dir} in image ${tag}, GPUs: ${gpus}"
+    echo "test.sh: ${#jobs[@]} job(s) from ${input_dir} in image ${tag} (${image_flavour:-unlabelled}), GPUs: ${gpus}"
 else
     echo "test.sh: ${#jobs[@]} job(s) from ${input_dir} without Docker (scripts/sandbox_run.sh), python ${py}"
 fi
@@ -150,23 +166,23 @@ run_job_docker() {
     local job="$1" dest="$2" name vol cid rc=0
     name="dragon-test-$$-${job}"
     vol="${name}-output"
-    docker volume create "${vol}" >/dev/null
+    "${docker}" volume create "${vol}" >/dev/null
     local -a timer=()
     [[ "${timeout_s}" != 0 ]] && timer=(timeout "${timeout_s}")
-    "${timer[@]}" docker run --rm --name "${name}" "${docker_flags[@]}" \
+    "${timer[@]}" "${docker}" run --rm --name "${name}" "${docker_flags[@]}" \
         -v "${input_dir}/${job}:/input:ro" -v "${vol}:/output" \
         "${tag}" "${proc_args[@]}" || rc=$?
     if [[ ${rc} -eq 124 ]]; then
         echo "test.sh: ${job} ran past ${timeout_s}s" >&2
-        docker rm -f "${name}" >/dev/null 2>&1 || true
+        "${docker}" rm -f "${name}" >/dev/null 2>&1 || true
     fi
     # Copy the volume out through a container that never starts (docker cp reads volumes too).
-    cid="$(docker create -v "${vol}:/output" "${tag}")"
-    if ! docker cp "${cid}:/output/." "${dest}/" && [[ ${rc} -eq 0 ]]; then
+    cid="$("${docker}" create -v "${vol}:/output" "${tag}")"
+    if ! "${docker}" cp "${cid}:/output/." "${dest}/" && [[ ${rc} -eq 0 ]]; then
         rc=1
     fi
-    docker rm "${cid}" >/dev/null
-    docker volume rm "${vol}" >/dev/null
+    "${docker}" rm "${cid}" >/dev/null
+    "${docker}" volume rm "${vol}" >/dev/null
     return "${rc}"
 }
 

@@ -11,13 +11,14 @@ Two rounds, because the model is costly and the heads are not:
    base are compared with the base on those same N cases. The model answers the test set only if
    one of them beats the base.
 Ties in round 1 go to the more specific candidate (heads, then the vote, then the prior); in round
-2 to the model (the model alone, then lighter blends): the base must beat the model outright.
+2 the model alone wins a tie with the base (the base must beat it outright), and a blend must beat
+the base outright (tied, it is the base at the model's cost).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -135,17 +136,21 @@ def choose_with_model(
     model_variants: Mapping[str, Callable[[Sequence[Case]], list[Any]]],
     sample: Sequence[Case],
     metric,
+    *,
+    blends: Collection[str] = (),
 ) -> Choice:
     """Round 2: the base against the model's variants (the model alone, blends, example
-    strategies), all on the same validation sample; variants listed cheapest first."""
+    strategies), all on the same validation sample; variants listed cheapest first. The model
+    alone wins a tie with the base; a blend (named in `blends`) must beat the base outright, as a
+    blend that only ties it is the base at the model's cost."""
     truths = [c.label for c in sample]
     predictions: dict[str, Callable[[], list[Any]]] = {base.name: lambda: base.predict(sample)}
     for name, predict in model_variants.items():
         predictions[name] = lambda predict=predict: predict(sample)
     scored = score_candidates(predictions, truths, metric)
-    # A tie goes to the model (the variants in their order), as a model that matches the base on
-    # validation is expected to generalise at least as well; the base must win outright.
-    cost = {name: i for i, name in enumerate(model_variants)} | {base.name: len(model_variants)}
+    alone = [name for name in model_variants if name not in blends]
+    order = [*alone, base.name, *(name for name in model_variants if name in blends)]
+    cost = {name: i for i, name in enumerate(order)}
     choice = pick(scored, cost)
     log.info(
         "validation (%d cases), with the model: %s; using %s (by %.3f)",

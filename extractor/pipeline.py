@@ -273,8 +273,9 @@ class JobRun:
 
             return predict
 
+        blends = [n for n, v in variants.items() if v.blend > 0]
         choice = choose_with_model(
-            self.base_candidate, {n: answer_with(v) for n, v in variants.items()}, sample, self._metric
+            self.base_candidate, {n: answer_with(v) for n, v in variants.items()}, sample, self._metric, blends=blends
         )
         self.summary.choice["model"] = choice.as_dict()
         self.summary.choice["chosen"] = choice.chosen

@@ -68,6 +68,10 @@ def test_the_model_wins_ties_and_the_base_must_win_outright() -> None:
     assert tie.chosen == "llm"
     worse = choose_with_model(base, {"llm": lambda cases: ["b"] * len(cases)}, VAL, agreement)
     assert worse.chosen == "head"
+    blend_tie = choose_with_model(
+        base, {"llm+head@0.5": lambda cases: ["a"] * len(cases)}, VAL, agreement, blends=["llm+head@0.5"]
+    )
+    assert blend_tie.chosen == "head"  # a blend that only ties the base is the base at the model's cost
 
 
 def test_precomputed_answers_are_computed_once_and_looked_up() -> None:

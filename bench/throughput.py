@@ -11,9 +11,9 @@ each setting in its own subprocess so peak memory (ru_maxrss) is its own:
   in a loop (its automatic reuse of the shared prompt prefix left on). Same threads as the engine.
   Time split measured by wrapping `Llama.eval` (several tokens: prefill, one: decode) and
   `Llama.sample` (sampling, grammar included).
-* `N`: `BatchedLlamaEngine` with N parallel sequences and its CPU plan (the same logits as
-  LlamaEngine, so `same answer` against N=1 should read 100%); `Nm`: its GPU plan (one llama_decode
-  per step), for comparison.
+* `N`: the engine (`extractor.engine.Engine`) with N parallel sequences and its CPU plan (the
+  same logits whatever N is, so `same answer` against N=1 should read 100%); `Nm`: its GPU plan
+  (one llama_decode per step), for comparison; `llama`: the engine with one sequence.
   Time split from the engine's stats: prefill, decode, scoring (evaluating candidate labels),
   sampling (grammar checks); other = Python bookkeeping.
 
@@ -44,9 +44,9 @@ def build_requests(job_dir: Path, model: Path, max_cases: int | None, reasoning_
     the per-sequence context."""
     from extractor.dragon_io import load_job
     from extractor.engine import LlamaChat
+    from extractor.pipeline import context_for
     from extractor.prompts import PromptBuilder
     from extractor.taskfiles import Reasoning, load_taskfiles, taskfile_for_job
-    from process import context_for
 
     job = load_job(job_dir)
     tf = taskfile_for_job(job.config, job.train, load_taskfiles(REPO / "taskfiles"))
@@ -150,21 +150,20 @@ def run_naive(requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: s
 
 
 def run_llama(requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str) -> dict[str, Any]:
-    """LlamaEngine, one report at a time: the reference the batched engine's answers are compared to."""
-    from extractor.engine import EngineOptions, LlamaEngine
+    """The engine with one sequence (--parallel 1): the reference the batched answers are compared to."""
+    from extractor.engine import Engine, EngineOptions
 
-    engine = LlamaEngine(model, EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True))
+    engine = Engine(model, EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True), n_seq=1)
     return _drive(engine, requests)
 
 
 def run_engine(
     requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str, n_seq: int, exact: bool
 ) -> dict[str, Any]:
-    from extractor.batch_engine import BatchedLlamaEngine
-    from extractor.engine import EngineOptions
+    from extractor.engine import Engine, EngineOptions
 
     options = EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True, n_seq=n_seq)
-    engine = BatchedLlamaEngine(model, options, exact=exact)
+    engine = Engine(model, options, exact=exact)
     return _drive(engine, requests)
 
 
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settings",
         default="naive,1,4,8,16",
-        help="comma list: naive, llama (LlamaEngine), N (batched engine, CPU plan), Nm (its one-call GPU plan)",
+        help="comma list: naive, llama (one sequence), N (N sequences, CPU plan), Nm (N, the one-call GPU plan)",
     )
     parser.add_argument(
         "--gpu", default="off", choices=("auto", "on", "off"), help="offload to the GPU (as process.py)"

@@ -1,37 +1,72 @@
-"""The llama.cpp backend: model loading, grammar-constrained greedy decoding, label likelihoods.
+"""The llama.cpp backend: N reports decoded together, the shared prompt prefix evaluated once.
 
-Decoding is greedy under a JSON grammar built from the answer schema. The grammar is checked
-against the greedy token first, then the top tokens, and applied to the whole vocabulary only
-when none of those is allowed (`GrammarSampler`, shared with the batched engine). Where a
-scored field's value starts, the engine reads the log-likelihood of every allowed literal
-(multi-token literals as summed log-probabilities) and writes the most likely one, so the answer
-and its scores agree.
-The longest common token prefix with the previous prompt stays in the KV cache, so the fixed
-instructions are evaluated once per job.
+Answers are greedy under a JSON grammar built from the answer schema, with label likelihoods at
+each scored field's value start and the most likely literal written (the per-sequence logic is
+`extractor.decoder.Decoder`, tested without a model). This module is the scheduler around the
+decoders, as llama.cpp's server splits slots from its step loop; every call into llama.cpp goes
+through `extractor.llama_api`.
+
+* Each step evaluates, for every active sequence, what its decoder feeds next: a chunk of its
+  prompt, the token it just chose, the forced tokens of a scored literal, or one candidate literal
+  being scored. Finished sequences are replaced by waiting requests at the next step (continuous
+  refill), and results are yielded as they finish. `--parallel 1` is the same loop with one slot.
+* The KV cache is split per sequence (attention only over a sequence's own cells). The token
+  prefix the requests of a call share (instructions, template) is evaluated once in its own
+  sequence and copied into each new request's sequence; it stays cached between calls, so the
+  next chunk and a retry round reuse it.
+
+Same numbers whatever N is. llama.cpp's CPU kernels round differently when a physical batch holds
+one token than when it holds several (another matrix-product path; the 8-bit re-quantisation of
+activations turns the tiny difference into ~0.1-0.5 in the logits), and a sequence's tokens are
+split across physical batches by how many tokens each sequence brings. The CPU plan (`exact=True`,
+the default without a GPU) therefore evaluates each sequence's tokens in fixed shapes: one call per
+step with every one-token feed, then one call per longer feed (a prompt chunk, a forced literal, a
+multi-token candidate), never leaving a lone prompt token. On a CPU the results are then
+independent of N and of which requests share a batch. The GPU plan (`exact=False`) puts
+everything in one `llama_decode` per step and feeds forced literals one token per step, the fewest
+passes over the weights; GPU kernels round by batch size anyway.
+
+Defaults: N (parallel sequences) is `EngineOptions.n_seq` or, when 0, 8 on a CPU and 16 on a GPU,
+lowered so that the KV cache of N + 1 sequences fits in half the free memory. `EngineOptions.n_ctx`
+is the context of each sequence (prompt + output).
+
+`Engine.embed` gives pooled hidden-state vectors of texts (for trained heads) from a second context
+created with embeddings on, over the same weights; see its docstring.
 """
 
 from __future__ import annotations
 
-import ctypes
+import dataclasses
 import logging
-import math
 import os
 import shutil
 import subprocess
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
-from llama_cpp import Llama, llama_cpp
-from llama_cpp._internals import LlamaModel
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from extractor.backend import Message, Request, Result, check_stop
+from extractor.decoder import Decoder, EngineStats, Feed, Phase
+from extractor.llama_api import (
+    Batch,
+    Context,
+    EngineError,
+    Grammar,
+    GrammarScratch,
+    Model,
+    chat_formatter,
+    max_parallel_sequences,
+    schema_to_gbnf,
+    supports_gpu_offload,
+)
+
+__all__ = ["Engine", "EngineError", "EngineOptions", "EngineStats", "LlamaChat", "LlamaEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -39,31 +74,42 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+DEFAULT_N_SEQ_CPU = 8
+DEFAULT_N_SEQ_GPU = 16
+PREFILL_CHUNK = 512  # prompt tokens per step, across all sequences (also the physical batch)
+FEED_PER_SEQ = 32  # batch room per sequence for decode / forced / candidate tokens
+MIN_SHARED_PREFIX = 16  # tokens a request must share with the others to use the shared prefix
 
 
-class EngineError(RuntimeError):
-    """The model or its grammar cannot be used; raised at start-up, never mid-job."""
+# -- options and the machine ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    n_ctx: int = 4096  # per sequence: prompt + output
+    n_threads: int = 0  # 0: all cores
+    n_batch: int = 512  # kept for callers; the prompt chunk is PREFILL_CHUNK
+    gpu: str = "auto"  # "auto" | "on" | "off"
+    allow_cpu: bool = False
+    seed: int = 0  # greedy decoding draws nothing; kept for the journal key
+    n_seq: int = 0  # sequences decoded together (0: automatic, 1: one report at a time)
 
 
 def schema_to_grammar(schema: Mapping[str, Any]) -> str:
     """GBNF for a JSON schema; a schema the converter cannot handle is an error, not a fallback."""
     try:
-        return json_schema_to_gbnf(orjson.dumps(schema).decode())
+        return schema_to_gbnf(orjson.dumps(schema).decode())
     except Exception as err:  # noqa: BLE001 - the converter raises bare Exceptions
         raise EngineError(f"cannot convert the answer schema to a grammar: {err}") from err
 
 
 def nvidia_gpu_visible() -> str | None:
-    """The GPU name when an NVIDIA device answers `nvidia-smi`, else None."""
+    """The GPU name, memory and free memory when an NVIDIA device answers `nvidia-smi`, else None."""
     if not shutil.which("nvidia-smi"):
         return None
     try:
         out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=name,memory.total,memory.free",
-                "--format=csv,noheader",
-            ],
+            ["nvidia-smi", "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -72,23 +118,6 @@ def nvidia_gpu_visible() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-@dataclass
-class EngineStats:
-    """Where the time went, for the run summary and the benchmark."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    sampling_s: float = 0.0
-    scoring_s: float = 0.0
-    prompt_tokens_evaluated: int = 0
-    prompt_tokens_reused: int = 0
-    output_tokens: int = 0
-    full_grammar_applies: int = 0
-    greedy_accepted: int = 0
-    missed_decision_points: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def available_cores() -> int:
@@ -100,122 +129,87 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-TOP_K_TIERS = (64, 2048)  # tokens checked against the grammar when the greedy one is rejected
-
-
-class GrammarSampler:
-    """Greedy choice under a JSON-schema grammar, as both engines make it.
-
-    Applying a grammar to the whole vocabulary costs about as much as a decode step, so the greedy
-    token is checked alone first, then the top 64 and the top 2,048 tokens, and the vocabulary only
-    when none of those is allowed: the chosen token is always the one a full scan would choose.
-    Compiled grammars are kept per schema; token pieces are cached.
-    """
-
-    def __init__(self, vocab: Any, n_vocab: int, stats: EngineStats) -> None:
-        self.vocab, self.n_vocab, self.stats = vocab, n_vocab, stats
-        self._grammars: dict[bytes, Any] = {}
-        self._pieces: dict[int, bytes] = {}
-        self._piece_buf = ctypes.create_string_buffer(256)
-        self._one = (llama_cpp.llama_token_data * 1)()
-        self._one_arr = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
-        dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
-        self._full = np.zeros(n_vocab, dtype=dtype)
-        self._full_arr = llama_cpp.llama_token_data_array(
-            data=self._full.ctypes.data_as(llama_cpp.llama_token_data_p), size=n_vocab, selected=-1, sorted=False
+def gpu_layers(options: EngineOptions) -> int:
+    """Offload every layer when a GPU is usable; fail loudly when one is visible but unusable."""
+    supports = supports_gpu_offload()
+    visible = nvidia_gpu_visible()
+    if options.gpu == "off":
+        return 0
+    if supports:
+        log.info("GPU offload available%s: offloading all layers", f" ({visible})" if visible else "")
+        return -1
+    if visible and not options.allow_cpu:
+        raise EngineError(
+            f"an NVIDIA GPU is visible ({visible}) but this llama-cpp-python build has no GPU offload "
+            "support (built without GGML_CUDA); rebuild it with CUDA or pass --allow-cpu to run on the CPU"
         )
-        self._ids = np.arange(n_vocab, dtype=np.intc)
+    if options.gpu == "on" and not options.allow_cpu:
+        raise EngineError("--gpu on was asked for, but llama.cpp reports no GPU offload support")
+    log.info("no GPU offload: running on the CPU")
+    return 0
 
-    def compiled(self, schema: Mapping[str, Any]) -> Any:
-        """The schema's grammar sampler (built once; a bad schema is an EngineError)."""
-        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
-        sampler = self._grammars.get(key)
-        if sampler is None:
-            gbnf = schema_to_grammar(schema)
-            sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, gbnf.encode(), b"root")
-            if not sampler:
-                raise EngineError(f"llama.cpp rejected the grammar built from the answer schema:\n{gbnf[:2000]}")
-            self._grammars[key] = sampler
-        return sampler
 
-    def allowed(self, grammar: Any, token: int) -> bool:
-        self._one[0].id = token
-        self._one[0].logit = 0.0
-        self._one[0].p = 0.0
-        self._one_arr.size = 1
-        self._one_arr.selected = -1
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._one_arr))
-        return math.isfinite(self._one[0].logit)
+def free_memory_bytes(on_gpu: bool) -> int | None:
+    """Free GPU memory (from nvidia-smi) or available RAM; None when unknown."""
+    if on_gpu:
+        visible = nvidia_gpu_visible()
+        if visible:
+            try:
+                return min(int(line.split(",")[2].split()[0]) for line in visible.splitlines()) << 20
+            except (IndexError, ValueError):
+                return None
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        return None
+    return None
 
-    def _best_allowed(self, grammar: Any, ids: np.ndarray, logits: np.ndarray) -> int | None:
-        """The highest-logit token of `ids` (ascending) the grammar allows (lowest id on ties), else None."""
-        n = len(ids)
-        view = self._full[:n]
-        view["id"] = ids
-        view["logit"] = logits
-        view["p"] = 0.0
-        self._full_arr.size = n
-        self._full_arr.selected = -1
-        self._full_arr.sorted = False
-        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(self._full_arr))
-        kept = self._full["logit"][: self._full_arr.size]
-        best = int(np.argmax(kept))
-        if not math.isfinite(float(kept[best])):
-            return None
-        return int(self._full["id"][best])
 
-    def pick(self, grammar: Any, logits: np.ndarray) -> int:
-        """The greedy token the grammar allows."""
-        t0 = time.perf_counter()
-        token = int(np.argmax(logits))
-        if self.allowed(grammar, token):
-            self.stats.greedy_accepted += 1
-        else:
-            choice = None
-            for k in TOP_K_TIERS:
-                top = np.argpartition(logits, -k)[-k:]
-                ids = np.nonzero(logits >= logits[top].min())[0].astype(np.intc)  # ascending, ties included
-                choice = self._best_allowed(grammar, ids, logits[ids])
-                self.stats.extra["topk_grammar_applies"] = self.stats.extra.get("topk_grammar_applies", 0) + 1
-                if choice is not None:
-                    break
-            if choice is None:
-                self.stats.full_grammar_applies += 1
-                choice = self._best_allowed(grammar, self._ids, logits)
-                if choice is None:
-                    raise RuntimeError("the grammar allows no token")
-            token = choice
-        self.stats.sampling_s += time.perf_counter() - t0
-        return token
+def choose_n_seq(requested: int, on_gpu: bool, n_ctx_seq: int, kv_per_token: int, free: int | None) -> int:
+    """N: the flag when given, else 8 (CPU) / 16 (GPU), capped so N + 1 caches fit half the free memory."""
+    if requested > 0:
+        return min(requested, max_parallel_sequences() - 1)
+    n = DEFAULT_N_SEQ_GPU if on_gpu else DEFAULT_N_SEQ_CPU
+    if free:
+        per_seq = max(n_ctx_seq * kv_per_token, 1)
+        n = max(1, min(n, free // 2 // per_seq - 1))
+    return n
 
-    def piece(self, token: int) -> bytes:
-        piece = self._pieces.get(token)
-        if piece is None:
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-            piece = bytes(self._piece_buf[: max(n, 0)])
-            self._pieces[token] = piece
-        return piece
 
-    def close(self) -> None:
-        for sampler in self._grammars.values():
-            llama_cpp.llama_sampler_free(sampler)
-        self._grammars.clear()
+def lcp(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if diff.size else n
+
+
+def no_room(uid: str, prompt_tokens: int) -> Result:
+    """The result for a prompt that leaves no room to answer in the context."""
+    return Result(
+        uid=uid, text="", prompt_tokens=prompt_tokens, finished=False, error="prompt does not fit the context"
+    )
+
+
+# -- tokenizer and chat template -------------------------------------------------------------------
 
 
 class LlamaChat:
-    """The model's tokenizer and chat template, without allocating a context for inference."""
+    """The model's tokenizer and chat template (a ChatTokenizer)."""
 
-    def __init__(self, llm: Llama | LlamaModel) -> None:
-        self.model = llm._model if isinstance(llm, Llama) else llm
-        model = self.model
-        metadata = model.metadata()
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        metadata = model.metadata
         template = metadata.get("tokenizer.chat_template")
         if not template:
             log.warning("the model has no chat template; using ChatML")
             template = CHATML_TEMPLATE
-        bos = model.token_get_text(model.token_bos()) if model.token_bos() >= 0 else ""
-        eos = model.token_get_text(model.token_eos()) if model.token_eos() >= 0 else ""
-        self._formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        self._formatter = chat_formatter(template, bos=model.token_text(model.bos), eos=model.token_text(model.eos))
         arch = metadata.get("general.architecture", "")
         # A vocab-only load reports 0 as the trained context; the GGUF metadata has it.
         self._limit = model.n_ctx_train() or int(metadata.get(f"{arch}.context_length", 4096))
@@ -223,9 +217,7 @@ class LlamaChat:
     @classmethod
     def open(cls, model_path: Path) -> LlamaChat:
         """Tokenizer and template only (no weights, no context): for counting before sizing the context."""
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        return cls(LlamaModel(path_model=str(model_path), params=params, verbose=False))
+        return cls(Model(Path(model_path), vocab_only=True))
 
     @property
     def context_limit(self) -> int:
@@ -239,276 +231,441 @@ class LlamaChat:
             merged = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
             rest = [m for m in msgs if m["role"] != "system"]
             if rest and merged:
-                rest[0] = {
-                    "role": rest[0]["role"],
-                    "content": merged + "\n\n" + rest[0]["content"],
-                }
+                rest[0] = {"role": rest[0]["role"], "content": merged + "\n\n" + rest[0]["content"]}
             return self._formatter(messages=rest).prompt
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self.model.tokenize(text, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.model.detokenize(list(tokens)).decode("utf-8", errors="ignore")
+        return self.model.detokenize(tokens)
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    n_ctx: int = 4096
-    n_threads: int = 0  # 0: all cores
-    n_batch: int = 512
-    gpu: str = "auto"  # "auto" | "on" | "off"
-    allow_cpu: bool = False
-    seed: int = 0
-    n_seq: int = 0  # sequences decoded together by BatchedLlamaEngine (0: automatic); LlamaEngine ignores it
+# -- the engine ---------------------------------------------------------------------------------------
 
 
-def gpu_layers(options: EngineOptions) -> int:
-    """Offload every layer when a GPU is usable; fail loudly when one is visible but unusable."""
-    supports = bool(llama_cpp.llama_supports_gpu_offload())
-    visible = nvidia_gpu_visible()
-    if options.gpu == "off":
-        return 0
-    if supports:
-        log.info(
-            "GPU offload available%s: offloading all layers",
-            f" ({visible})" if visible else "",
-        )
-        return -1
-    if visible and not options.allow_cpu:
-        raise EngineError(
-            f"an NVIDIA GPU is visible ({visible}) but this llama-cpp-python build has no GPU offload "
-            "support (built without GGML_CUDA); rebuild it with CUDA or pass --allow-cpu to run on the CPU"
-        )
-    if options.gpu == "on" and not options.allow_cpu:
-        raise EngineError("--gpu on was asked for, but llama.cpp reports no GPU offload support")
-    log.info("no GPU offload: running on the CPU")
-    return 0
+class Grammars:
+    """Compiled grammars, one per schema; each sequence decodes with a clone."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self._scratch = GrammarScratch(model.n_vocab)
+        self._compiled: dict[bytes, Grammar] = {}
+
+    def compiled(self, schema: Mapping[str, Any]) -> Grammar:
+        """The schema's grammar (built once; a bad schema is an EngineError)."""
+        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        grammar = self._compiled.get(key)
+        if grammar is None:
+            gbnf = schema_to_grammar(schema)
+            grammar = Grammar.compile(self.model, gbnf, self._scratch)
+            if grammar is None:
+                raise EngineError(f"llama.cpp rejected the grammar built from the answer schema:\n{gbnf[:2000]}")
+            self._compiled[key] = grammar
+        return grammar
+
+    def close(self) -> None:
+        for grammar in self._compiled.values():
+            grammar.free()
+        self._compiled.clear()
 
 
-class LlamaEngine:
-    """A llama.cpp model behind the Backend interface, one sequence at a time."""
+@dataclass
+class _Waiting:
+    req: Request
+    tokens: np.ndarray
+    budget: int
+
+
+_Entry = tuple[Decoder, Sequence[int], str, Phase]  # decoder, tokens to evaluate, rows, what they are
+
+
+class Engine:
+    """A llama.cpp model behind the Backend interface, N sequences decoded together."""
 
     name = "llama"
 
-    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+    def __init__(
+        self, model_path: Path, options: EngineOptions, n_seq: int | None = None, *, exact: bool | None = None
+    ):
         self.options = options
+        self.closed = False
         n_threads = options.n_threads or available_cores()
         start = time.perf_counter()
+        n_gpu = gpu_layers(options)
+        self.model = Model(Path(model_path), n_gpu_layers=n_gpu)
         try:
-            self.llm = Llama(
-                str(model_path),
-                n_ctx=options.n_ctx,
-                n_batch=min(options.n_batch, options.n_ctx),
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                n_gpu_layers=gpu_layers(options),
-                seed=options.seed,
-                logits_all=False,
-                verbose=False,
-            )
-        except ValueError as err:
-            raise EngineError(f"cannot load {model_path} with a {options.n_ctx}-token context: {err}") from err
-        self.chat = LlamaChat(self.llm)
-        self.n_ctx = options.n_ctx
-        self.closed = False
-        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.n_vocab = self.llm.n_vocab()
-        self.stats = EngineStats()
-        self.sampler = GrammarSampler(self.vocab, self.n_vocab, self.stats)
+            self._setup(options, n_seq, exact, n_gpu, n_threads)
+        except BaseException:
+            self.model.close()
+            raise
         log.info(
-            "loaded %s in %.1fs (context %d, %d threads)",
+            "loaded %s in %.1fs: %d parallel sequences of %d tokens, %d threads%s",
             Path(model_path).name,
             time.perf_counter() - start,
-            options.n_ctx,
+            self.n_seq,
+            self.n_ctx_seq,
             n_threads,
+            ", GPU" if self.on_gpu else "",
         )
 
-    # -- grammar -------------------------------------------------------------------------------
+    def _setup(self, options: EngineOptions, n_seq: int | None, exact: bool | None, n_gpu: int, n_threads: int) -> None:
+        model = self.model
+        self.chat = LlamaChat(model)
+        self.on_gpu = n_gpu != 0
+        self.exact = (not self.on_gpu) if exact is None else exact
+        n_ctx_seq = -(-max(options.n_ctx, 256) // 256) * 256  # llama.cpp pads it to 256
+        requested = n_seq if n_seq is not None else options.n_seq
+        free = free_memory_bytes(self.on_gpu)
+        self.n_seq = choose_n_seq(requested, self.on_gpu, n_ctx_seq, model.kv_bytes_per_token(), free)
+        self.prefix_seq = self.n_seq  # the shared prefix lives in its own sequence, after the slots
+        n_ctx_total = n_ctx_seq * (self.n_seq + 1)
+        self.capacity = min(PREFILL_CHUNK + FEED_PER_SEQ * self.n_seq, n_ctx_total)
+        self.prefill_chunk = min(PREFILL_CHUNK, self.capacity)
+        self.ctx = Context(
+            model,
+            n_ctx=n_ctx_total,
+            n_batch=self.capacity,
+            n_ubatch=self.prefill_chunk,
+            n_seq_max=self.n_seq + 1,
+            n_threads=n_threads,
+        )
+        self.n_ctx_seq = self.ctx.n_ctx_seq
+        self.n_ctx = self.n_ctx_seq  # what one request may use
+        self.batch = Batch(self.capacity)
+        self.stats = EngineStats()
+        self.stats.extra.update(
+            n_seq=self.n_seq, n_ctx_seq=self.n_ctx_seq, steps=0, calls=0, batch_tokens=0,
+            topk_grammar_applies=0, stream_copies=0,
+        )  # fmt: skip
+        self.grammars = Grammars(model)
+        self._prefix: np.ndarray = np.zeros(0, dtype=np.intc)
+        self._n_threads = n_threads
+        self._embedder: tuple[Context, Batch, int] | None = None  # made by the first embed()
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
 
     def check_schema(self, schema: Mapping[str, Any]) -> None:
-        """Build the grammar sampler for a schema now, so a bad schema fails at start-up."""
-        self._grammar(schema)
+        """Build the grammar for a schema now, so a bad schema fails at start-up."""
+        self.grammars.compiled(schema)
 
-    def _grammar(self, schema: Mapping[str, Any]) -> Any:
-        sampler = self.sampler.compiled(schema)
-        llama_cpp.llama_sampler_reset(sampler)
-        return sampler
+    def figures(self) -> dict[str, Any]:
+        """The engine's counters and timings, for the run summary."""
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self.stats).items()}
 
-    # -- model evaluation ----------------------------------------------------------------------
-
-    def _logits(self) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
-
-    def _prefill(self, tokens: list[int]) -> None:
-        """Evaluate the prompt, keeping the longest prefix shared with what the cache holds."""
-        llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
-        n = min(len(cached), len(tokens) - 1)
-        keep = 0
-        if n > 0:
-            diff = np.nonzero(cached[:n] != np.asarray(tokens[:n]))[0]
-            keep = int(diff[0]) if diff.size else n
-        t0 = time.perf_counter()
-        llm.n_tokens = keep
-        llm.eval(tokens[keep:])
-        self.stats.prefill_s += time.perf_counter() - t0
-        self.stats.prompt_tokens_reused += keep
-        self.stats.prompt_tokens_evaluated += len(tokens) - keep
-
-    def _step(self, tokens: list[int]) -> np.ndarray:
-        check_stop()
-        t0 = time.perf_counter()
-        self.llm.eval(tokens)
-        self.stats.decode_s += time.perf_counter() - t0
-        return self._logits()
-
-    def _continuation_logprob(self, logits: np.ndarray, tokens: list[int]) -> float:
-        """Summed log-probability of `tokens` following the current position (cache left as found)."""
-        logp = float(_log_softmax(logits)[tokens[0]])
-        if len(tokens) == 1:
-            return logp
-        llm = self.llm
-        n0 = llm.n_tokens
-        batch = llm._batch
-        batch.set_batch(tokens[:-1], n_past=n0, logits_all=True)
-        llm._ctx.decode(batch)
-        for i, nxt in enumerate(tokens[1:]):
-            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, i)
-            row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-            logp += float(_log_softmax(row)[nxt])
-        llm._ctx.kv_cache_seq_rm(-1, n0, -1)
-        return logp
-
-    # -- the Backend interface -----------------------------------------------------------------
+    # -- the Backend interface -------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request]) -> Iterator[Result]:
+        if self.closed:
+            raise RuntimeError("the engine is closed")
+        waiting: deque[_Waiting] = deque()
         for req in requests:
             try:
-                yield self._generate_one(req)
+                tokens = self.chat.tokenize(req.prompt)
+                budget = min(req.max_tokens, self.n_ctx_seq - len(tokens) - 1)
+                if budget <= 0:
+                    yield no_room(req.uid, len(tokens))
+                    continue
+                if req.schema:
+                    self.grammars.compiled(req.schema)
             except (RuntimeError, ValueError) as err:
                 log.warning("uid %s: generation failed: %s", req.uid, err)
-                self.llm.n_tokens = 0
                 yield Result(uid=req.uid, text="", error=f"engine error: {err}")
-
-    def _generate_one(self, req: Request) -> Result:
-        tokens = self.chat.tokenize(req.prompt)
-        budget = min(req.max_tokens, self.llm.n_ctx() - len(tokens) - 1)
-        if budget <= 0:
-            return no_room(req.uid, len(tokens))
-        grammar = self._grammar(req.schema) if req.schema else None  # no schema: free text
-        self._prefill(tokens)
-        logits = self._logits()
-        fields = list(req.schema.get("properties", {}))
-        scored = [(name, req.choices[name]) for name in fields if name in req.choices]
-        terminators = {name: ("," if i < len(fields) - 1 else "}") for i, name in enumerate(fields)}
-        likelihoods: dict[str, dict[str, float]] = {}
-        out: list[int] = []
-        text = b""
-        finished = False
-        while len(out) < budget:
-            if scored and _at_value(text, scored[0][0]):
-                name, literals = scored.pop(0)
-                forced = self._score_field(
-                    grammar,
-                    logits,
-                    text,
-                    literals,
-                    terminators[name],
-                    likelihoods.setdefault(name, {}),
-                )
-                if forced:
-                    forced = forced[: budget - len(out)]
-                    for tok in forced:
-                        llama_cpp.llama_sampler_accept(grammar, tok)
-                        text += self.sampler.piece(tok)
-                    out += forced
-                    logits = self._step(forced)
-                    continue
-            token = self.sampler.pick(grammar, logits) if grammar is not None else int(np.argmax(logits))
-            if llama_cpp.llama_vocab_is_eog(self.vocab, token):
-                finished = True
-                break
-            if grammar is not None:
-                llama_cpp.llama_sampler_accept(grammar, token)
-            out.append(token)
-            text += self.sampler.piece(token)
-            logits = self._step([token])
-        self.stats.output_tokens += len(out)
-        self.stats.missed_decision_points += len(scored)
-        return Result(
-            uid=req.uid,
-            text=text.decode("utf-8", errors="replace"),
-            likelihoods=likelihoods,
-            prompt_tokens=len(tokens),
-            output_tokens=len(out),
-            finished=finished,
-        )
-
-    def _score_field(
-        self,
-        grammar: Any,
-        logits: np.ndarray,
-        text: bytes,
-        literals: Sequence[str],
-        terminator: str,
-        into: dict[str, float],
-    ) -> list[int]:
-        """Score every literal (with and without the optional space) and return the best one's tokens."""
-        t0 = time.perf_counter()
-        prefixes = ("", " ") if text.endswith(b":") else ("",)
-        best: tuple[float, list[int]] | None = None
-        for literal in literals:
-            variants = []
-            for prefix in prefixes:
-                toks = self.llm.tokenize(
-                    (prefix + literal + terminator).encode("utf-8"),
-                    add_bos=False,
-                    special=False,
-                )
-                lp = self._continuation_logprob(logits, toks)
-                variants.append(lp)
-                if best is None or lp > best[0]:
-                    best = (lp, toks)
-            into[literal] = float(np.logaddexp.reduce(variants))
-        self.stats.scoring_s += time.perf_counter() - t0
-        if best is None:
-            return []
-        forced = best[1]
-        # Only force what the grammar accepts; a surprise here falls back to free decoding.
-        probe = self._grammar_copy(grammar)
+                continue
+            waiting.append(_Waiting(req, np.asarray(tokens, dtype=np.intc), budget))
+        if not waiting:
+            return
+        p_len = self._share_prefix([w.tokens for w in waiting])
+        slots: list[Decoder | None] = [None] * self.n_seq
         try:
-            for tok in forced:
-                if not self.sampler.allowed(probe, tok):
-                    return []
-                llama_cpp.llama_sampler_accept(probe, tok)
+            yield from self._run(waiting, slots, p_len)
         finally:
-            llama_cpp.llama_sampler_free(probe)
-        return forced
+            for i, dec in enumerate(slots):
+                if dec is not None:
+                    dec.close()
+                    slots[i] = None
+            for seq in range(self.n_seq):
+                self.ctx.forget(seq)
 
-    def _grammar_copy(self, grammar: Any) -> Any:
-        return llama_cpp.llama_sampler_clone(grammar)
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalised last-layer hidden states of texts (rows in order), for
+        trained heads.
+
+        llama.cpp pools per sequence only in a context created with embeddings on, so the first
+        call creates a second context on the same weights: up to N sequences of the engine's
+        per-sequence size, every sequence whole in one physical batch (pooling needs that). Texts
+        are tokenised as text and cut to the sequence size; as many as fit go in one decode."""
+        if self.closed:
+            raise RuntimeError("the engine is closed")
+        if self._embedder is None:
+            n_seq = max(1, self.n_seq)
+            ctx = Context(
+                self.model,
+                n_ctx=self.n_ctx_seq * n_seq,
+                n_batch=self.n_ctx_seq,
+                n_ubatch=self.n_ctx_seq,
+                n_seq_max=n_seq,
+                n_threads=self._n_threads,
+                embeddings=True,
+            )
+            self._embedder = (ctx, Batch(self.n_ctx_seq), n_seq)
+        ctx, batch, n_seq = self._embedder
+        out = np.zeros((len(texts), self.model.n_embd()), dtype=np.float32)
+        tokens = [self.model.tokenize(t, special=False)[: self.n_ctx_seq] or [self.model.bos] for t in texts]
+        i = 0
+        while i < len(tokens):
+            check_stop()
+            group, at = [], 0
+            while i < len(tokens) and len(group) < n_seq and at + len(tokens[i]) <= self.n_ctx_seq:
+                at = batch.put(at, tokens[i], len(group), 0, "all")
+                group.append(i)
+                i += 1
+            ctx.decode(batch, at)
+            for seq, row in enumerate(group):
+                vec = ctx.sequence_embedding(seq)
+                out[row] = vec / max(float(np.linalg.norm(vec)), 1e-12)
+                ctx.forget(seq)
+        return out
 
     def close(self) -> None:
-        self.sampler.close()
-        self.llm.close()
+        if self.closed:
+            return
         self.closed = True
+        self.grammars.close()
+        if self._embedder is not None:
+            self._embedder[1].close()
+            self._embedder[0].close()
+        self.batch.close()
+        self.ctx.close()
+        self.model.close()
+
+    # -- the shared prefix -----------------------------------------------------------------------
+
+    def _share_prefix(self, arrays: list[np.ndarray]) -> int:
+        """Evaluate the prefix the requests share in the prefix sequence; its length (0: none)."""
+        first = arrays[0]
+        # Every request keeps at least two prompt tokens of its own: a lone token would be
+        # evaluated in a one-token physical batch (see the module docstring).
+        shared = [min(lcp(first, a), len(a) - 2, len(first) - 2) for a in arrays[1:]]
+        shared = [s for s in shared if s >= MIN_SHARED_PREFIX]
+        if shared:
+            p_len = min(shared)
+        elif len(arrays) == 1:
+            p_len = max(len(first) - 2, 0)  # one request: its prompt stays cached for the next call
+        else:
+            p_len = 0
+        try:
+            self._set_prefix(first[:p_len])
+        except RuntimeError as err:
+            log.warning("shared prefix could not be evaluated (%s); prefilling every prompt in full", err)
+            p_len = 0
+        return p_len
+
+    def _set_prefix(self, tokens: np.ndarray) -> None:
+        """Make the prefix sequence hold exactly `tokens`, evaluating only what it lacks."""
+        keep = lcp(self._prefix, tokens)
+        if keep < len(self._prefix):
+            self.ctx.forget(self.prefix_seq, keep)
+        self._prefix = self._prefix[:keep]
+        todo = tokens[keep:]
+        t0 = time.perf_counter()
+        starts = list(range(0, len(todo), self.prefill_chunk))
+        if len(starts) > 1 and len(todo) - starts[-1] == 1:
+            starts[-1] -= 1  # no one-token piece (see _chunk)
+        for i, j in zip(starts, [*starts[1:], len(todo)][: len(starts)], strict=True):
+            chunk = todo[i:j].tolist()
+            n = self.batch.put(0, chunk, self.prefix_seq, keep + i, "last")
+            try:
+                self._decode(n)
+            except RuntimeError:
+                self.ctx.forget(self.prefix_seq)
+                self._prefix = np.zeros(0, dtype=np.intc)
+                raise
+            self._prefix = tokens[: keep + i + len(chunk)]
+        self.stats.prefill_s += time.perf_counter() - t0
+        self.stats.prompt_tokens_evaluated += len(todo)
+
+    # -- the step loop ---------------------------------------------------------------------------
+
+    def _run(self, waiting: deque[_Waiting], slots: list[Decoder | None], p_len: int) -> Iterator[Result]:
+        while waiting or any(d is not None for d in slots):
+            done: list[Result] = []
+            # Refill free sequences, lowest first; at the tail, keep the active ones contiguous.
+            for seq in range(self.n_seq):
+                if slots[seq] is not None:
+                    continue
+                if waiting:
+                    w = waiting.popleft()
+                    try:
+                        slots[seq] = self._start(seq, w, p_len)
+                    except (RuntimeError, ValueError) as err:
+                        log.warning("uid %s: generation failed: %s", w.req.uid, err)
+                        done.append(Result(uid=w.req.uid, text="", error=f"engine error: {err}"))
+                else:
+                    last = max((i for i, d in enumerate(slots) if d is not None), default=-1)
+                    if last > seq:
+                        self._move(last, seq)
+                        slots[seq], slots[last] = slots[last], None
+            active = [(seq, d) for seq, d in enumerate(slots) if d is not None]
+            if not active:
+                yield from done
+                continue
+            self.stats.extra["steps"] += 1
+            seq_of = {id(d): seq for seq, d in active}
+            decoders = [d for _, d in active]
+            for entries in self._plan_exact(decoders) if self.exact else self._plan_mixed(decoders):
+                try:
+                    rows = self._evaluate(entries, seq_of)
+                except RuntimeError as err:
+                    log.warning("a batch of %d sequences failed: %s", len(entries), err)
+                    for dec, *_ in entries:
+                        seq = seq_of[id(dec)]
+                        if slots[seq] is dec:
+                            done.append(self._fail(slots, seq, err))
+                    continue
+                for dec, phase, i0, n in rows:
+                    seq = seq_of[id(dec)]
+                    try:
+                        dec.evaluated(n, lambda j, i0=i0: self.ctx.logits(i0 + j))
+                        if phase is Phase.SCORE:
+                            self.ctx.forget(seq, dec.n_past)  # a candidate literal is evaluated, then forgotten
+                    except (RuntimeError, ValueError) as err:
+                        log.warning("uid %s: generation failed: %s", dec.req.uid, err)
+                        done.append(self._fail(slots, seq, err))
+                        continue
+                    if dec.result is not None:
+                        slots[seq] = None
+                        dec.close()
+                        done.append(dec.result)
+            yield from done
+
+    def _start(self, seq: int, w: _Waiting, p_len: int) -> Decoder:
+        self.ctx.forget(seq)
+        use_prefix = p_len > 0 and len(w.tokens) > p_len and lcp(self._prefix, w.tokens[:p_len]) == p_len
+        if use_prefix:
+            self.ctx.copy(self.prefix_seq, seq)
+            self.stats.extra["stream_copies"] += 1
+            self.stats.prompt_tokens_reused += p_len
+        schema = w.req.schema
+        return Decoder(
+            w.req,
+            w.tokens.tolist(),
+            w.budget,
+            self.grammars.compiled(schema).clone() if schema else None,  # no schema: free text
+            self.model,
+            self.stats,
+            n_past=p_len if use_prefix else 0,
+            n_ctx=self.n_ctx_seq,
+            batch_room=self.capacity - self.n_seq,
+        )
+
+    def _move(self, src: int, dst: int) -> None:
+        """Renumber a sequence (whole-stream copy), keeping active sequences contiguous."""
+        self.ctx.copy(src, dst)
+        self.ctx.forget(src)
+        self.stats.extra["stream_copies"] += 1
+
+    def _fail(self, slots: list[Decoder | None], seq: int, err: Exception) -> Result:
+        dec = slots[seq]
+        assert dec is not None
+        slots[seq] = None
+        dec.close()
+        self.ctx.forget(seq)
+        return dec.failed(err)
+
+    # -- planning and evaluating one step ----------------------------------------------------------
+
+    def _chunk(self, pending: int, budget: int) -> int:
+        """Prompt tokens to evaluate now: all that fit, never leaving or taking a lone token
+        (a one-token physical batch takes another kernel path and rounds differently)."""
+        if pending <= budget:
+            return pending
+        take = budget - 1 if pending - budget == 1 else budget
+        return take if take >= 2 else 0
+
+    def _plan_exact(self, decoders: list[Decoder]) -> list[list[_Entry]]:
+        """One call with every one-token feed (one token per sequence), then one call per longer
+        feed (a prompt chunk, a forced literal, a multi-token candidate), so each sequence's tokens
+        are evaluated in the same shapes whatever N is, and the logits come out the same on a CPU."""
+        singles: list[_Entry] = []
+        multis: list[_Entry] = []
+        budget = self.prefill_chunk
+        for dec in decoders:
+            feed = dec.feed()
+            if feed.phase is Phase.PROMPT:
+                take = self._chunk(len(feed.tokens), budget)
+                if take == 0:
+                    continue
+                budget -= take
+                entry = _take(dec, feed, take)
+            else:
+                entry = _take(dec, feed, len(feed.tokens))
+            (singles if len(entry[1]) == 1 else multis).append(entry)
+        return ([singles] if singles else []) + [[m] for m in multis]
+
+    def _plan_mixed(self, decoders: list[Decoder]) -> list[list[_Entry]]:
+        """Everything in one call (fewest passes over the weights: the GPU plan). Forced literals
+        go one token per step; every prefilling sequence gets at least one token, so the run of
+        sequence ids a physical batch takes is not broken."""
+        feeds = {id(d): d.feed() for d in decoders}
+        prompting = [d for d in decoders if feeds[id(d)].phase is Phase.PROMPT]
+        room = self.capacity - len(prompting)
+        entries: dict[int, _Entry] = {}
+        for dec in decoders:
+            feed = feeds[id(dec)]
+            if feed.phase is Phase.PROMPT:
+                continue
+            entry = _take(dec, feed, 1 if feed.phase is Phase.DECODE else len(feed.tokens))
+            if len(entry[1]) > room:
+                continue  # waits for the next step
+            entries[id(dec)] = entry
+            room -= len(entry[1])
+        budget = max(0, min(room, self.prefill_chunk - len(prompting)))
+        for dec in prompting:
+            feed = feeds[id(dec)]
+            take = 1 + min(len(feed.tokens) - 1, budget)
+            budget -= take - 1
+            entries[id(dec)] = _take(dec, feed, take)
+        return [[entries[id(d)] for d in decoders if id(d) in entries]]
+
+    def _evaluate(self, entries: list[_Entry], seq_of: dict[int, int]) -> list[tuple[Decoder, Phase, int, int]]:
+        """Decode one call; its rows per sequence, and the time split by what the tokens were."""
+        rows: list[tuple[Decoder, Phase, int, int]] = []
+        at = 0
+        n_phase = dict.fromkeys(Phase, 0)
+        for dec, toks, which, phase in entries:
+            rows.append((dec, phase, at, len(toks)))
+            at = self.batch.put(at, toks, seq_of[id(dec)], dec.n_past, which)
+            n_phase[phase] += len(toks)
+        if at == 0:
+            return rows
+        t0 = time.perf_counter()
+        self._decode(at)
+        dt = time.perf_counter() - t0
+        stats = self.stats
+        stats.extra["calls"] += 1
+        stats.extra["batch_tokens"] += at
+        stats.prefill_s += dt * n_phase[Phase.PROMPT] / at
+        stats.decode_s += dt * n_phase[Phase.DECODE] / at
+        stats.scoring_s += dt * n_phase[Phase.SCORE] / at
+        stats.prompt_tokens_evaluated += n_phase[Phase.PROMPT]
+        return rows
+
+    def _decode(self, n: int) -> None:
+        check_stop()
+        self.ctx.decode(self.batch, n)
 
 
-def no_room(uid: str, prompt_tokens: int) -> Result:
-    """The result for a prompt that leaves no room to answer in the context."""
-    return Result(
-        uid=uid, text="", prompt_tokens=prompt_tokens, finished=False, error="prompt does not fit the context"
-    )
+def _take(dec: Decoder, feed: Feed, n: int) -> _Entry:
+    """The first `n` tokens of a feed; a partial feed needs no logits."""
+    rows = feed.rows if n == len(feed.tokens) else "none"
+    return (dec, feed.tokens[:n], rows, feed.phase)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    m = float(np.max(logits))
-    return logits - (m + math.log(float(np.sum(np.exp(logits - m)))))
+class LlamaEngine(Engine):
+    """`--parallel 1`: the engine with one sequence (the old name, kept until callers move)."""
 
-
-def _at_value(text: bytes, name: str) -> bool:
-    """True where the generated JSON has just written the key of field `name` and its colon."""
-    key = orjson.dumps(name) + b":"
-    return text.endswith(key) or text.endswith(key + b" ")
+    def __init__(self, model_path: Path, options: EngineOptions) -> None:
+        super().__init__(model_path, options, n_seq=1)

@@ -14,8 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import random_gguf  # noqa: E402
 
 from extractor.backend import Message, Request  # noqa: E402
-from extractor.batch_engine import BatchedLlamaEngine  # noqa: E402
-from extractor.engine import EngineOptions  # noqa: E402
+from extractor.engine import Engine, EngineOptions  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -29,7 +28,7 @@ SCHEMA = {
 def test_a_random_model_with_a_padded_vocabulary_answers_by_the_schema(tmp_path: Path) -> None:
     preset = replace(random_gguf.PRESETS["tiny"], n_vocab=49152 + 100)  # the default model's 49152, padded
     path = random_gguf.write(tmp_path / "random.gguf", preset, DEFAULT_MODEL)
-    engine = BatchedLlamaEngine(path, EngineOptions(n_ctx=512, n_threads=1, gpu="off"), n_seq=2)
+    engine = Engine(path, EngineOptions(n_ctx=512, n_threads=1, gpu="off"), n_seq=2)
     try:
         assert engine.n_vocab == 49152 + 100
         requests = []

@@ -1,0 +1,346 @@
+"""One sequence's decoding, without the model: what to feed next, and what to do with the logits.
+
+The engine's scheduler packs the feeds of several decoders into one batch and hands each its
+logits back; everything a sequence decides lives here, in plain Python and numpy, so that it is
+tested with scripted logits (test/test_decoder.py):
+
+* Greedy decoding under a JSON grammar: the greedy token is checked alone first, then the top 64
+  and the top 2,048 tokens, and the whole vocabulary only when none of those is allowed, so the
+  chosen token is always the one a full scan would choose.
+* Field scoring: where a scored field's value starts (its key and colon just written), the
+  log-likelihood of every allowed literal is read, with and without the optional space, the
+  literal's terminator included (multi-token literals: the first token from the current logits,
+  the others from evaluating the literal, which is then forgotten). The most likely literal is
+  forced (grammar permitting), so the answer and its scores agree.
+* The token budget, end-of-generation, and the Result.
+
+The grammar and the vocabulary sit behind the small protocols below (llama.cpp's in
+extractor/llama_api.py).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+from extractor.backend import Request, Result
+
+TOP_K_TIERS = (64, 2048)  # tokens checked against the grammar when the greedy one is rejected
+
+
+class Grammar(Protocol):
+    """A grammar's parse state (one per sequence)."""
+
+    def allowed(self, token: int) -> bool: ...
+
+    def best_allowed(self, ids: np.ndarray, logits: np.ndarray) -> int | None: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def clone(self) -> Grammar: ...
+
+    def free(self) -> None: ...
+
+
+class Vocab(Protocol):
+    """What decoding needs from a tokenizer."""
+
+    def text_tokens(self, text: str) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def is_eog(self, token: int) -> bool: ...
+
+
+@dataclass
+class EngineStats:
+    """Where the time went, for the run summary and the benchmark."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sampling_s: float = 0.0
+    scoring_s: float = 0.0
+    prompt_tokens_evaluated: int = 0
+    prompt_tokens_reused: int = 0
+    output_tokens: int = 0
+    full_grammar_applies: int = 0
+    greedy_accepted: int = 0
+    missed_decision_points: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Phase(enum.Enum):
+    PROMPT = 0  # prompt tokens still to evaluate
+    DECODE = 1  # a generated token, or a forced literal, to evaluate
+    SCORE = 2  # a candidate literal to evaluate (and forget) for its likelihood
+    DONE = 3
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a sequence wants evaluated next; `rows` says whose logits it needs: "last" (of the
+    whole feed), "all" or "none". The scheduler may take a first part of a PROMPT or DECODE feed."""
+
+    phase: Phase
+    tokens: Sequence[int]
+    rows: str
+
+
+@dataclass
+class _Variant:
+    literal: str
+    tokens: list[int]
+    logp: float
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = float(np.max(logits))
+    return logits - (m + math.log(float(np.sum(np.exp(logits - m)))))
+
+
+def at_value(text: bytes, name: str) -> bool:
+    """True where the generated JSON has just written the key of field `name` and its colon."""
+    key = orjson.dumps(name) + b":"
+    return text.endswith(key) or text.endswith(key + b" ")
+
+
+def greedy_allowed(grammar: Grammar, logits: np.ndarray, stats: EngineStats) -> int:
+    """The greedy token the grammar allows (see the module docstring for the tiers)."""
+    t0 = time.perf_counter()
+    token = int(np.argmax(logits))
+    if grammar.allowed(token):
+        stats.greedy_accepted += 1
+    else:
+        choice = None
+        for k in TOP_K_TIERS:
+            if k >= len(logits):
+                break
+            top = np.argpartition(logits, -k)[-k:]
+            ids = np.nonzero(logits >= logits[top].min())[0].astype(np.intc)  # ascending, ties included
+            choice = grammar.best_allowed(ids, logits[ids])
+            stats.extra["topk_grammar_applies"] = stats.extra.get("topk_grammar_applies", 0) + 1
+            if choice is not None:
+                break
+        if choice is None:
+            stats.full_grammar_applies += 1
+            choice = grammar.best_allowed(np.arange(len(logits), dtype=np.intc), logits)
+            if choice is None:
+                raise RuntimeError("the grammar allows no token")
+        token = choice
+    stats.sampling_s += time.perf_counter() - t0
+    return token
+
+
+def scored_fields(req: Request) -> tuple[list[tuple[str, tuple[str, ...]]], dict[str, str]]:
+    """The fields to score, in schema order, and the character that ends each field's value."""
+    fields = list(req.schema.get("properties", {}))
+    scored = [(name, tuple(req.choices[name])) for name in fields if name in req.choices]
+    terminators = {name: ("," if i < len(fields) - 1 else "}") for i, name in enumerate(fields)}
+    return scored, terminators
+
+
+class Decoder:
+    """One request's sequence: its prompt, grammar, scoring and output (see the module docstring).
+
+    `n_past` tokens are already in the sequence's cache (a copied shared prefix). A candidate
+    literal's evaluation must fit both the sequence's context (`n_ctx`) and `batch_room`.
+    """
+
+    def __init__(
+        self,
+        req: Request,
+        tokens: Sequence[int],
+        budget: int,
+        grammar: Grammar | None,
+        vocab: Vocab,
+        stats: EngineStats,
+        *,
+        n_past: int = 0,
+        n_ctx: int,
+        batch_room: int,
+    ) -> None:
+        self.req = req
+        self.tokens = list(tokens)
+        self.budget = budget
+        self.grammar = grammar
+        self.vocab = vocab
+        self.stats = stats
+        self.n_past = n_past
+        self.n_ctx = n_ctx
+        self.batch_room = batch_room
+        self.phase = Phase.PROMPT
+        self.result: Result | None = None
+        self._pending = self.tokens[n_past:]
+        self._feed: list[int] = []
+        self._scored, self._terminators = scored_fields(req)
+        self.out: list[int] = []
+        self.text = b""
+        self.likelihoods: dict[str, dict[str, float]] = {}
+        self._field = ""
+        self._variants: list[_Variant] = []
+        self._queue: list[_Variant] = []
+        self._decision_logits: np.ndarray | None = None
+        if not self._pending:
+            raise ValueError("a decoder needs at least one prompt token of its own")
+
+    # -- what to evaluate ---------------------------------------------------------------------------
+
+    def feed(self) -> Feed:
+        if self.phase is Phase.PROMPT:
+            return Feed(Phase.PROMPT, self._pending, "last")
+        if self.phase is Phase.DECODE:
+            return Feed(Phase.DECODE, self._feed, "last")
+        if self.phase is Phase.SCORE:
+            return Feed(Phase.SCORE, self._queue[0].tokens[:-1], "all")
+        raise RuntimeError("a finished decoder has nothing to feed")
+
+    def evaluated(self, n: int, row: Callable[[int], np.ndarray]) -> None:
+        """The first `n` tokens of `feed()` were evaluated; `row(j)` is the logits after the j-th
+        (only those the feed asked for). A SCORE feed's cells are the scheduler's to forget from
+        `n_past` on."""
+        if self.phase is Phase.PROMPT:
+            self.n_past += n
+            self._pending = self._pending[n:]
+            if not self._pending:
+                self.phase = Phase.DECODE
+                self._advance(row(n - 1))
+        elif self.phase is Phase.DECODE:
+            self.n_past += n
+            self._feed = self._feed[n:]
+            if not self._feed:
+                self._advance(row(n - 1))
+        elif self.phase is Phase.SCORE:
+            t0 = time.perf_counter()
+            v = self._queue.pop(0)
+            for j, nxt in enumerate(v.tokens[1:]):
+                v.logp += float(log_softmax(row(j))[nxt])
+            self.stats.scoring_s += time.perf_counter() - t0
+            if not self._queue:
+                self._finish_field()
+        else:
+            raise RuntimeError("a finished decoder was evaluated")
+
+    # -- decisions --------------------------------------------------------------------------------
+
+    def _advance(self, logits: np.ndarray, *, check_field: bool = True) -> None:
+        """Given the logits after the last evaluated token: score a field, or pick the next token."""
+        if len(self.out) >= self.budget:
+            return self._finish(finished=False)
+        if check_field and self._scored and at_value(self.text, self._scored[0][0]):
+            return self._start_field(logits)
+        if self.grammar is not None:
+            token = greedy_allowed(self.grammar, logits, self.stats)
+        else:
+            token = int(np.argmax(logits))  # no schema: free text
+        if self.vocab.is_eog(token):
+            return self._finish(finished=True)
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        self.out.append(token)
+        self.text += self.vocab.piece(token)
+        if len(self.out) >= self.budget:
+            return self._finish(finished=False)
+        self._feed = [token]
+        self.phase = Phase.DECODE
+        return None
+
+    def _start_field(self, logits: np.ndarray) -> None:
+        """At a scored field's value: first tokens from these logits, the rest queued for evaluation."""
+        t0 = time.perf_counter()
+        name, literals = self._scored.pop(0)
+        logp = log_softmax(logits)
+        prefixes = ("", " ") if self.text.endswith(b":") else ("",)
+        self._field = name
+        self._variants = []
+        for literal in literals:
+            for prefix in prefixes:
+                toks = self.vocab.text_tokens(prefix + literal + self._terminators[name])
+                self._variants.append(_Variant(literal, toks, float(logp[toks[0]])))
+        multi = [v for v in self._variants if len(v.tokens) > 1]
+        limit = min(self.n_ctx - self.n_past, self.batch_room)
+        if any(len(v.tokens) - 1 > limit for v in multi):
+            raise RuntimeError("no room left in the sequence's context to score the literals")
+        self._queue = multi
+        self._decision_logits = np.array(logits, copy=True)
+        self.stats.scoring_s += time.perf_counter() - t0
+        if self._queue:
+            self.phase = Phase.SCORE
+            return None
+        return self._finish_field()
+
+    def _finish_field(self) -> None:
+        """Record the field's likelihoods and force the best literal (grammar permitting)."""
+        t0 = time.perf_counter()
+        into = self.likelihoods.setdefault(self._field, {})
+        best: _Variant | None = None
+        by_literal: dict[str, list[float]] = {}
+        for v in self._variants:  # literals in order, "" before " "; the first maximum wins
+            by_literal.setdefault(v.literal, []).append(v.logp)
+            if best is None or v.logp > best.logp:
+                best = v
+        for literal, values in by_literal.items():
+            into[literal] = float(np.logaddexp.reduce(values))
+        forced = list(best.tokens) if best is not None else []
+        if forced and self.grammar is not None and not self._grammar_takes(forced):
+            forced = []
+        self.stats.scoring_s += time.perf_counter() - t0
+        logits = self._decision_logits
+        self._variants, self._queue, self._decision_logits = [], [], None
+        if not forced:
+            assert logits is not None
+            return self._advance(logits, check_field=False)  # a surprise: decode freely
+        forced = forced[: self.budget - len(self.out)]
+        for tok in forced:
+            if self.grammar is not None:
+                self.grammar.accept(tok)
+            self.text += self.vocab.piece(tok)
+        self.out += forced
+        if len(self.out) >= self.budget:
+            return self._finish(finished=False)
+        self._feed = forced
+        self.phase = Phase.DECODE
+        return None
+
+    def _grammar_takes(self, tokens: Sequence[int]) -> bool:
+        """Whether the grammar accepts `tokens` from here (checked on a copy)."""
+        assert self.grammar is not None
+        probe = self.grammar.clone()
+        try:
+            for tok in tokens:
+                if not probe.allowed(tok):
+                    return False
+                probe.accept(tok)
+            return True
+        finally:
+            probe.free()
+
+    def _finish(self, *, finished: bool) -> None:
+        self.stats.output_tokens += len(self.out)
+        self.stats.missed_decision_points += len(self._scored)
+        self.phase = Phase.DONE
+        self.result = Result(
+            uid=self.req.uid,
+            text=self.text.decode("utf-8", errors="replace"),
+            likelihoods=self.likelihoods,
+            prompt_tokens=len(self.tokens),
+            output_tokens=len(self.out),
+            finished=finished,
+        )
+
+    def failed(self, err: Exception) -> Result:
+        """The result when evaluating this sequence failed."""
+        self.phase = Phase.DONE
+        self.result = Result(uid=self.req.uid, text="", prompt_tokens=len(self.tokens), error=f"engine error: {err}")
+        return self.result
+
+    def close(self) -> None:
+        if self.grammar is not None:
+            self.grammar.free()
+            self.grammar = None

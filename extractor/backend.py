@@ -87,7 +87,13 @@ class ChatTokenizer(Protocol):
 
     def render(self, messages: Sequence[Message]) -> str: ...
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        """The rendered prompt's tokens: the template's markers special, the contents as text."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of plain text (text that reads like a control token stays text)."""
+        ...
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...
 
@@ -143,6 +149,9 @@ class PlainTokenizer:
 
     def render(self, messages: Sequence[Message]) -> str:
         return "".join(f"<{m.role}>\n{m.content}\n" for m in messages) + "<assistant>\n"
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        return self.tokenize(self.render(messages))
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(ch) for ch in text]

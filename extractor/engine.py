@@ -213,6 +213,7 @@ class LlamaChat:
         arch = metadata.get("general.architecture", "")
         # A vocab-only load reports 0 as the trained context; the GGUF metadata has it.
         self._limit = model.n_ctx_train() or int(metadata.get(f"{arch}.context_length", 4096))
+        self._warned = False
 
     @classmethod
     def open(cls, model_path: Path) -> LlamaChat:
@@ -235,7 +236,43 @@ class LlamaChat:
             return self._formatter(messages=rest).prompt
 
     def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text, special=True)
+        """Tokens of plain text: text that reads like a control token (`<|im_end|>`) stays text."""
+        return self.model.tokenize(text, special=False)
+
+    def encode(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt's tokens: the chat template's own markers as control tokens, every message's
+        content as text, so a report that contains `<|im_end|>` cannot end its turn.
+
+        The template is rendered with a placeholder for each content and split on them; a template
+        that trims contents is matched with trimmed contents. One that changes them otherwise cannot
+        be split: its prompts are tokenised whole (control-token text in a report unprotected), with
+        a warning."""
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.render([Message(m.role, mark) for m, mark in zip(messages, marks, strict=True)])
+        pieces, rest = [], rendered
+        for mark in marks:
+            head, found, rest = rest.partition(mark)
+            if not found or rendered.count(mark) != 1:
+                return self._encode_whole(messages)
+            pieces.append(head)
+        full = self.render(messages)
+        for shape in (str, str.strip):
+            contents = [shape(m.content) for m in messages]
+            if "".join(p + c for p, c in zip(pieces, contents, strict=True)) + rest == full:
+                break
+        else:
+            return self._encode_whole(messages)
+        tokens: list[int] = []
+        for piece, content in zip(pieces, contents, strict=True):
+            tokens += self.model.tokenize(piece, special=True)
+            tokens += self.model.tokenize(content, special=False)
+        return tokens + self.model.tokenize(rest, special=True)
+
+    def _encode_whole(self, messages: Sequence[Message]) -> list[int]:
+        if not self._warned:
+            log.warning("the chat template changes message contents: reports are tokenised with the template")
+            self._warned = True
+        return self.model.tokenize(self.render(messages), special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.model.detokenize(tokens)
@@ -363,7 +400,7 @@ class Engine:
         waiting: deque[_Waiting] = deque()
         for req in requests:
             try:
-                tokens = self.chat.tokenize(req.prompt)
+                tokens = self.chat.encode(req.messages)
                 budget = min(req.max_tokens, self.n_ctx_seq - len(tokens) - 1)
                 if budget <= 0:
                     yield no_room(req.uid, len(tokens))

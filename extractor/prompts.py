@@ -262,8 +262,7 @@ class PromptBuilder:
         return shown
 
     def _count(self, messages: Sequence[Message]) -> tuple[str, int]:
-        prompt = self.tokenizer.render(messages)
-        return prompt, len(self.tokenizer.tokenize(prompt))
+        return self.tokenizer.render(messages), len(self.tokenizer.encode(messages))
 
     def build(
         self, case: Case, *, reasoning: bool, max_tokens: int, attempt: int = 1, use_examples: bool = True

@@ -39,7 +39,7 @@ def translation_requests(
         for j, piece in enumerate(translatable_parts(case, tf)):
             messages = (Message("system", SYSTEM), Message("user", piece))
             prompt = tokenizer.render(messages)
-            n = len(tokenizer.tokenize(prompt))
+            n = len(tokenizer.encode(messages))
             budget = max(min(2 * len(tokenizer.tokenize(piece)) + 16, context_limit - n - 8), 1)
             requests.append(Request(f"{case.uid}\x00{j}", messages, prompt, n, {}, budget))
     return requests

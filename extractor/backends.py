@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
-from extractor.batch_engine import BatchedLlamaEngine
 from extractor.dragon_io import Job, JobError
-from extractor.engine import EngineError, EngineOptions, LlamaChat, LlamaEngine
+from extractor.engine import Engine, EngineError, EngineOptions, LlamaChat
 from extractor.reference_backends import OracleBackend, PriorBackend, load_ground_truth
 from extractor.schema import answer_schema
 from extractor.settings import Settings, find_model
@@ -74,12 +73,7 @@ class OpenBackend:
                 n_seq=self.settings.parallel,
             )
             try:
-                # --parallel 1 keeps the one-report-at-a-time engine; otherwise N reports share each step.
-                engine = (
-                    LlamaEngine(self.model_path, options)
-                    if self.settings.parallel == 1
-                    else BatchedLlamaEngine(self.model_path, options)
-                )
+                engine = Engine(self.model_path, options)  # --parallel 1: one slot; 0: automatic
                 break
             except EngineError as err:
                 # GPU memory: when the context cannot be allocated, try half as large.

@@ -33,9 +33,6 @@ export DRAGON_K="${DRAGON_K:-1}"
 # still runs with the model, and the nine synthetic jobs take minutes, not twenty (the NER ones
 # answer 32 validation cases at about 30 s each on 2 cores).
 export DRAGON_VALIDATION_CASES="${DRAGON_VALIDATION_CASES:-4}"
-# Two validation cases for the model: the runtime check proves the two-round validation choice runs
-# end to end (heads, base, the model on validation, the test set), not which candidate wins.
-export DRAGON_VALIDATION_CASES="${DRAGON_VALIDATION_CASES:-2}"
 
 synthetic="${CHECK_SYNTHETIC_DIR:-}"
 if [[ -z "${synthetic}" ]]; then

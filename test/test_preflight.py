@@ -55,7 +55,8 @@ def gguf_bytes(
         block, size = GGML_BLOCKS[ggml_type]
         n = -(-math.prod(shape) // block) * size
         padded = -(-n // alignment) * alignment
-        blob += b"\x01" * n + b"\x00" * (padded - n)
+        if data:  # without data the sizes may be far larger than memory
+            blob += b"\x01" * n + b"\x00" * (padded - n)
         offset += padded
     out = head + infos
     out += b"\x00" * (-len(out) % alignment)

@@ -46,6 +46,8 @@ def run_job(
     try:
         with stage("load job"):
             run.load_job()
+        with stage("check output folder"):
+            run.check_output()
         with stage("pick taskfile"):
             run.pick_taskfile()
         with stage("index training set"):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from extractor.backend import Backend, ChatTokenizer, PlainTokenizer
 from extractor.dragon_io import Job, JobError
-from extractor.engine import Engine, EngineError, EngineOptions, LlamaChat
+from extractor.engine import Engine, EngineError, EngineOptions, LlamaChat, free_memory_bytes, nvidia_gpu_visible
+from extractor.preflight import check_model_file
 from extractor.reference_backends import OracleBackend, PriorBackend, load_ground_truth
 from extractor.schema import answer_schema
 from extractor.settings import Settings, find_model
@@ -98,6 +99,8 @@ def open_backend(kind: str, settings: Settings, job: Job, tf: Taskfile, ground_t
     if kind != "llama":
         raise ValueError(f"unknown backend {kind!r}; known: {', '.join(BACKENDS)}")
     model_path = find_model(settings.model)
+    on_gpu = settings.gpu != "off" and nvidia_gpu_visible() is not None
+    check_model_file(model_path, gpu_memory=free_memory_bytes(True) if on_gpu else None)
     sha = file_sha256(model_path)
     log.info("model %s (sha256 %s)", model_path, sha[:12])
     return OpenBackend(kind, LlamaChat.open(model_path), settings, job, tf, model_path=model_path, model_sha256=sha)

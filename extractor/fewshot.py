@@ -7,7 +7,6 @@ training set is ever searched; the validation set is for choosing settings, neve
 from __future__ import annotations
 
 import logging
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +16,7 @@ import numpy as np
 from bm25s.stopwords import STOPWORDS_DUTCH, STOPWORDS_EN
 
 from extractor.dragon_io import Case
-from extractor.prior import TrainingPrior
+from extractor.prior import TrainingPrior, median
 from extractor.tasktypes import TaskType, ValueKind
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class NeighbourVote:
         if kind is ValueKind.CLASS:
             counts = Counter(present)
             return max(counts, key=lambda lab: (counts[lab], lab == default))
-        return float(statistics.median(present))
+        return median(present)
 
     def _tags(self, case: Case, idx: list[int]) -> Any:
         seen: dict[str, Counter[Any]] = {}

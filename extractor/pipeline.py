@@ -37,6 +37,7 @@ from extractor.heads import train_heads
 from extractor.journal import Journal, journal_key
 from extractor.metrics import task_score
 from extractor.postprocess import blend_with_vote, to_prediction
+from extractor.preflight import check_output_dir
 from extractor.prior import Fallback, TrainingPrior
 from extractor.prompts import PromptBuilder
 from extractor.settings import Settings
@@ -136,12 +137,17 @@ class JobRun:
             job = dataclasses.replace(job, test=job.test[: self.settings.max_cases])
         self.job = job
         self.summary.blank = sum(c.is_blank for c in job.test)  # answered by the base, never asked
+        self.summary.dropped, self.summary.unreadable = dict(job.dropped), len(job.unreadable)
         self.summary.task_name, self.summary.jobid, self.summary.cases = (
             job.config.task_name,
             job.config.jobid,
             len(job.test),
         )
         log.info("%s: %d training, %d test cases", job.config.task_name, len(job.train), len(job.test))
+
+    def check_output(self) -> None:
+        """Fail in one line now, not after the work, when the output cannot be written."""
+        check_output_dir(self.settings.output)
 
     def pick_taskfile(self) -> None:
         tf = taskfile_for_job(self.job.config, self.job.train, load_taskfiles(self.settings.taskfiles))
@@ -227,6 +233,7 @@ class JobRun:
             (
                 builder.build(c, reasoning=tf.reasoning.enabled, max_tokens=tf.max_output_tokens).request.prompt_tokens
                 for c in self.job.test
+                if not c.is_blank  # never asked
             ),
             default=0,
         )
@@ -408,6 +415,11 @@ class JobRun:
     def _journal(self) -> Journal | None:
         """The checkpoint journal of this exact job, model, Taskfile and settings."""
         if not self.settings.journal:
+            return None
+        try:
+            check_output_dir(self.settings.work_dir)
+        except JobError as err:
+            log.warning("%s; running without the checkpoint journal", err)
             return None
         s = self.settings
         answer_settings = (s.examples, s.k, s.reasoning, s.translate, s.n_ctx)

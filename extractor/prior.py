@@ -5,7 +5,6 @@ Majority label, base rate, median value, all "O": the floor every other number i
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -25,6 +24,17 @@ class Fallback(Protocol):
         """Per label position, each label's share (what a blend mixes in); None when it has none."""
 
 
+def median(values: Sequence[float]) -> float:
+    """The median without overflow: statistics.median averages the middle pair as (a + b) / 2,
+    which is inf for two values near the float maximum."""
+    ordered = sorted(float(v) for v in values)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    low, high = ordered[mid - 1], ordered[mid]
+    return low / 2 + high / 2
+
+
 def _column(labels: Sequence[Any], ttype: TaskType, kind: ValueKind) -> Any:
     present = [v for v in labels if v is not None]
     if kind is ValueKind.BINARY:
@@ -32,7 +42,7 @@ def _column(labels: Sequence[Any], ttype: TaskType, kind: ValueKind) -> Any:
     if kind is ValueKind.CLASS:
         counts = Counter(present)
         return min(counts, key=lambda lab: (-counts[lab], lab)) if counts else ""
-    return float(statistics.median(present)) if present else 0.0
+    return median(present) if present else 0.0
 
 
 class TrainingPrior:

@@ -286,7 +286,7 @@ class PromptBuilder:
             allowed = max(budget - empty, 1)
             if tf.input.kind == "words":
                 parts, first_word = self._fit_words(parts or (), allowed)
-            elif parts is not None and text is None:
+            elif parts and text is None:
                 last = self._cut(parts[-1], allowed - self._count_tokens("\n".join(parts[:-1])))
                 parts = (*parts[:-1], last)
             else:

@@ -47,6 +47,8 @@ class RunSummary:
     taskfile: str = ""
     taskfile_sha256: str = ""
     cases: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # defective records left out, per file
+    unreadable: int = 0  # test records whose input could not be read: answered by the base
     answered: int = 0
     blank: int = 0
     retries: int = 0
@@ -110,6 +112,7 @@ class RunSummary:
                 f"cases {self.cases}: answered {self.answered}, blank {self.blank}, failures {self.failures} "
                 f"(base answer used), retries {self.retries}, truncated prompts {self.truncated}",
                 f"solved examples shown {self.examples}, resumed from the journal {self.resumed}",
+                f"defective records dropped {self.dropped or 'none'}, unreadable test records {self.unreadable}",
                 f"tokens: prompt {self.prompt_tokens}, output {self.output_tokens}; context {self.n_ctx}",
                 "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.stage_seconds.items()) + f"; total {total:.1f}",
                 f"throughput {rate:.2f} reports/s",

@@ -148,3 +148,9 @@ def test_bm25s_logs_at_the_runs_level() -> None:
         assert not logging.getLogger("bm25s").isEnabledFor(logging.DEBUG)
     finally:
         root.setLevel(old)
+
+
+def test_the_median_of_huge_values_does_not_overflow() -> None:
+    from extractor.prior import median
+
+    assert median([1e308, 1e308]) == 1e308 and median([-1e308, 1e308]) == 0.0 and median([3, 1, 2]) == 2

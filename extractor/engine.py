@@ -66,7 +66,7 @@ from extractor.llama_api import (
     supports_gpu_offload,
 )
 
-__all__ = ["Engine", "EngineError", "EngineOptions", "EngineStats", "LlamaChat", "LlamaEngine"]
+__all__ = ["Engine", "EngineError", "EngineOptions", "EngineStats", "LlamaChat"]
 
 log = logging.getLogger(__name__)
 
@@ -666,10 +666,3 @@ def _take(dec: Decoder, feed: Feed, n: int) -> _Entry:
     """The first `n` tokens of a feed; a partial feed needs no logits."""
     rows = feed.rows if n == len(feed.tokens) else "none"
     return (dec, feed.tokens[:n], rows, feed.phase)
-
-
-class LlamaEngine(Engine):
-    """`--parallel 1`: the engine with one sequence (the old name, kept until callers move)."""
-
-    def __init__(self, model_path: Path, options: EngineOptions) -> None:
-        super().__init__(model_path, options, n_seq=1)

@@ -114,17 +114,9 @@ def prompt_digest(req: dict[str, Any]) -> str:
 
 def open_engine(model: Path, n_ctx: int, n_seq: int, threads: int) -> Any:
     """The engine for one setting: one sequence at a time (--parallel 1) or n_seq together (CPU plan)."""
-    from extractor.engine import EngineOptions
+    from extractor.engine import Engine, EngineOptions
 
-    options = EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu="off", n_seq=n_seq)
-    try:
-        from extractor.engine import Engine  # type: ignore[attr-defined]
-    except ImportError:
-        from extractor.batch_engine import BatchedLlamaEngine
-        from extractor.engine import LlamaEngine
-
-        return LlamaEngine(model, options) if n_seq == 1 else BatchedLlamaEngine(model, options)
-    return Engine(model, options)
+    return Engine(model, EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu="off", n_seq=n_seq))
 
 
 def run_jobs(jobs: Sequence[dict[str, Any]], model: Path, n_seq: int, threads: int) -> dict[str, dict[str, Any]]:
@@ -164,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sets", default="fixtures,synthetic", help="comma list: fixtures, synthetic")
     parser.add_argument("--parallel", default="1,8", help="comma list of sequence counts to run")
+    parser.add_argument(
+        "--write", action="store_true", help="with check: store the first setting's results as the new goldens"
+    )
     args = parser.parse_args(argv)
     GOLDENS.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -205,12 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             golden_file.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
             print(f"{name}: wrote {golden_file.relative_to(REPO)}")
         else:
-            want = orjson.loads(golden_file.read_bytes())["results"]
+            stored = orjson.loads(golden_file.read_bytes())
+            want = stored["results"]
             for n_seq, got in runs.items():
                 diffs = compare(want, got)
                 total = sum(len(v) for v in want.values())
                 print(f"{name}: N={n_seq}: {total - len(diffs)} of {total} identical", *diffs, sep="\n  ")
-                failed |= bool(diffs)
+                failed |= bool(diffs) and not args.write
+            if args.write:
+                first, *others = runs.values()
+                if any(compare(first, other) for other in others):
+                    print(f"{name}: the settings disagree with each other: nothing written")
+                    failed = True
+                else:
+                    stored["results"] = first
+                    golden_file.write_bytes(orjson.dumps(stored, option=orjson.OPT_INDENT_2) + b"\n")
+                    print(f"{name}: wrote the new results to {golden_file.relative_to(REPO)}")
     return 1 if failed else 0
 
 

@@ -241,15 +241,35 @@ class Decoder:
             token = int(np.argmax(logits))  # no schema: free text
         if self.vocab.is_eog(token):
             return self._finish(finished=True)
-        if self.grammar is not None:
-            self.grammar.accept(token)
-        self.out.append(token)
-        self.text += self.vocab.piece(token)
+        tokens = self._stop_at_key(token) if check_field and self._scored else [token]
+        tokens = tokens[: self.budget - len(self.out)]
+        for tok in tokens:
+            if self.grammar is not None:
+                self.grammar.accept(tok)
+            self.text += self.vocab.piece(tok)
+        self.out += tokens
         if len(self.out) >= self.budget:
             return self._finish(finished=False)
-        self._feed = [token]
+        self._feed = tokens
         self.phase = Phase.DECODE
         return None
+
+    def _stop_at_key(self, token: int) -> list[int]:
+        """The token, or, when it would run past the next scored field's key into its value (a
+        merged piece such as `":"` after the key's name), the tokens of the key's end alone, so
+        that the value starts at a token boundary and its literals are scored there."""
+        key = orjson.dumps(self._scored[0][0]) + b":"
+        combined = self.text + self.vocab.piece(token)
+        at = combined.find(key, max(0, len(self.text) - len(key) + 1))
+        end = at + len(key)
+        if at < 0 or combined[end:] in (b"", b" "):
+            return [token]
+        rest = combined[len(self.text) : end].decode("utf-8", errors="ignore")
+        forced = self.vocab.text_tokens(rest) if rest else []
+        if forced and (self.grammar is None or self._grammar_takes(forced)):
+            self.stats.extra["keys_cut"] = self.stats.extra.get("keys_cut", 0) + 1
+            return forced
+        return [token]
 
     def _start_field(self, logits: np.ndarray) -> None:
         """At a scored field's value: first tokens from these logits, the rest queued for evaluation."""

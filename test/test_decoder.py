@@ -10,6 +10,8 @@ from extractor.decoder import Decoder, EngineStats, Phase, greedy_allowed, log_s
 
 EOG = 0
 PIECES = ["<eog>", "{", "}", '"', ":", ",", " ", "true", "false", '"lesion"', '"kind"', "PD", "AC", "Other", "x"]
+# "kind" and '":"' let a model write a key's name and run past its colon in one merged piece.
+PIECES += ["kind", '":"']
 PIECES += [chr(c) for c in range(ord("a"), ord("z") + 1) if chr(c) not in PIECES]
 ID = {p: i for i, p in enumerate(PIECES)}
 
@@ -241,3 +243,18 @@ def test_no_room_to_score_a_literal_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="no room"):
         run(dec, lm)
     dec.close()
+
+
+def test_a_piece_running_past_a_key_into_its_value_is_cut_so_the_value_is_scored() -> None:
+    """Real vocabularies merge `":"` (the key's closing quote, the colon and the value's opening
+    quote); greedy decoding then never stands at the value's start and the label went unscored.
+    The decoder feeds the key's end alone instead, and scores the literals from there."""
+    script = {'{"lesion":true,': {'"': 6.0}, '{"lesion":true,"': {"kind": 6.0}, '{"lesion":true,"kind': {'":"': 6.0}}
+    lm = ScriptedLM(['{"lesion":true,"kind":"Other"}'], script)
+    dec = decoder({'{"lesion":true,"kind":"PDAC"}', '{"lesion":true,"kind":"Other"}'})
+    run(dec, lm)
+    assert dec.result is not None and dec.result.finished
+    assert set(dec.result.likelihoods) == {"lesion", "kind"}
+    assert set(dec.result.likelihoods["kind"]) == {'"PDAC"', '"Other"'}
+    assert dec.result.text in ('{"lesion":true,"kind":"PDAC"}', '{"lesion":true,"kind":"Other"}')
+    assert dec.stats.extra["keys_cut"] == 1 and dec.stats.missed_decision_points == 0

@@ -116,8 +116,11 @@ def test_example_strategies_compete_with_the_base_on_validation(tmp_path: Path) 
 @needs_model
 def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Path) -> None:
     """Same predictions whether reports are decoded together (the default) or one by one
-    (--parallel 1); six reports through three sequences exercise the refill, reasoning the free text."""
-    job = JOBS / "Task102_Example_sl_mc_clf-fold0"
+    (--parallel 1); six reports through three sequences exercise the refill, reasoning the free text.
+    Without a validation set there is no choice to lose: the model answers every test report."""
+    job = tmp_path / "job"
+    shutil.copytree(JOBS / "Task102_Example_sl_mc_clf-fold0", job)
+    (job / "nlp-validation-dataset.json").write_bytes(b"[]")
     runs = {}
     for name, parallel in (("batched", "3"), ("single", "1")):
         summary = tmp_path / f"{name}.json"
@@ -127,7 +130,7 @@ def test_batched_engine_is_the_default_and_answers_as_one_at_a_time(tmp_path: Pa
         runs[name] = ((tmp_path / name / PRED).read_bytes(), orjson.loads(summary.read_bytes()))
     assert runs["batched"][0] == runs["single"][0]
     assert runs["batched"][1]["engine"]["extra"]["n_seq"] == 3
-    assert "n_seq" not in runs["single"][1]["engine"]["extra"]
+    assert runs["single"][1]["engine"]["extra"]["n_seq"] == 1
     assert runs["batched"][1]["output_tokens"] == runs["single"][1]["output_tokens"] > 0
 
 

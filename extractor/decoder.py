@@ -241,7 +241,10 @@ class Decoder:
             token = int(np.argmax(logits))  # no schema: free text
         if self.vocab.is_eog(token):
             return self._finish(finished=True)
-        tokens = self._stop_at_key(token) if check_field and self._scored else [token]
+        return self._write(self._stop_at_key(token) if check_field and self._scored else [token])
+
+    def _write(self, tokens: list[int]) -> None:
+        """Append tokens to the answer (within the budget) and feed them next."""
         tokens = tokens[: self.budget - len(self.out)]
         for tok in tokens:
             if self.grammar is not None:
@@ -316,17 +319,7 @@ class Decoder:
         if not forced:
             assert logits is not None
             return self._advance(logits, check_field=False)  # a surprise: decode freely
-        forced = forced[: self.budget - len(self.out)]
-        for tok in forced:
-            if self.grammar is not None:
-                self.grammar.accept(tok)
-            self.text += self.vocab.piece(tok)
-        self.out += forced
-        if len(self.out) >= self.budget:
-            return self._finish(finished=False)
-        self._feed = forced
-        self.phase = Phase.DECODE
-        return None
+        return self._write(forced)
 
     def _grammar_takes(self, tokens: Sequence[int]) -> bool:
         """Whether the grammar accepts `tokens` from here (checked on a copy)."""

@@ -208,8 +208,8 @@ class JobRun:
 
     def open_model(self) -> None:
         """The backend's tokenizer (and, for llama, the model file's hash); the model loads later."""
-        kind = self.backend_kind if self.job.test else "prior"  # nothing to ask: no model to load
-        self.backend = open_backend(kind, self.settings, self.job, self.tf, self.ground_truth)
+        # Only reached when the model is asked (process.py runs it under `run.ask_model`).
+        self.backend = open_backend(self.backend_kind, self.settings, self.job, self.tf, self.ground_truth)
         if self.backend.model_path is not None:
             self.summary.model, self.summary.model_sha256 = self.backend.model_path.name, self.backend.model_sha256
 

@@ -13,6 +13,11 @@ Two rounds, because the model is costly and the heads are not:
 Ties in round 1 go to the more specific candidate (heads, then the vote, then the prior); in round
 2 the model alone wins a tie with the base (the base must beat it outright), and a blend must beat
 the base outright (tied, it is the base at the model's cost).
+
+On multi-label tasks each round also tries a per-field mix: from the round's winner, each label
+position is taken from another candidate (round 2: the model or the base) when that raises the
+task's score outright, one position at a time. DRAGON pools most multi-label metrics over the
+positions, so positions are not scored apart: every mix is scored whole, with the exact metric.
 """
 
 from __future__ import annotations
@@ -52,10 +57,13 @@ class Scored:
 
 @dataclass
 class Choice:
-    """What a round chose, every candidate's score, and by how much the winner won."""
+    """What a round chose, every candidate's score, and by how much the winner won. A per-field
+    mix that won names each position's source in `sources` (round 1: its candidate in `mixed`)."""
 
     chosen: str
     scores: list[Scored] = field(default_factory=list)
+    sources: tuple[str, ...] = ()
+    mixed: Candidate | None = None
 
     @property
     def margin(self) -> float:
@@ -67,6 +75,7 @@ class Choice:
             "chosen": self.chosen,
             "margin": round(self.margin, DECIMALS),
             "scores": {s.name: None if s.score is None else round(s.score, DECIMALS) for s in self.scores},
+            **({"sources": list(self.sources)} if self.sources else {}),
             "cases": {s.name: s.cases for s in self.scores},
             **(
                 {"errors": {s.name: s.error for s in self.scores if s.error}}
@@ -80,8 +89,10 @@ def score_candidates(
     predictions: Mapping[str, Callable[[], list[Any]]],
     truths: Sequence[Any],
     metric: Callable[[Sequence[Any], Sequence[Any]], float],
+    values_out: dict[str, list[Any]] | None = None,
 ) -> list[Scored]:
-    """Each candidate's metric on the same cases; a candidate that raises is scored None, not fatal."""
+    """Each candidate's metric on the same cases; a candidate that raises is scored None, not fatal.
+    The answers of the candidates that scored go into `values_out` when given."""
     scored = []
     for name, predict in predictions.items():
         try:
@@ -89,10 +100,65 @@ def score_candidates(
             if len(values) != len(truths):
                 raise ValueError(f"{len(values)} predictions for {len(truths)} cases")
             scored.append(Scored(name, float(metric(truths, values)), len(truths)))
+            if values_out is not None:
+                values_out[name] = values
         except Exception as err:  # noqa: BLE001 - one broken candidate must not end the job
             log.warning("candidate %s failed on validation: %s", name, err)
             scored.append(Scored(name, None, len(truths), error=str(err)[:200]))
     return scored
+
+
+def mix_per_field(
+    values: Mapping[str, Sequence[Sequence[Any]]],
+    start: str,
+    truths: Sequence[Any],
+    metric: Callable[[Sequence[Any], Sequence[Any]], float],
+) -> tuple[tuple[str, ...], float]:
+    """Greedy per-field mix of multi-label answers: from `start`'s answers, position by position,
+    take the position from the first other source whose answers raise the score outright (to
+    DECIMALS). Returns each position's source and the mix's score; where nothing helps, every
+    position is `start`'s."""
+
+    def answers(sources: Sequence[str]) -> list[list[Any]]:
+        return [[values[src][i][j] for j, src in enumerate(sources)] for i in range(len(truths))]
+
+    width = len(values[start][0]) if truths else 0
+    sources = [start] * width
+    best = round(float(metric(truths, answers(sources))), DECIMALS)
+    for j in range(width):
+        for name in values:
+            if name == sources[j]:
+                continue
+            trial = [*sources[:j], name, *sources[j + 1 :]]
+            try:
+                score = round(float(metric(truths, answers(trial))), DECIMALS)
+            except Exception as err:  # noqa: BLE001 - a mix the metric rejects is just not taken
+                log.debug("per-field mix %s not scored: %s", trial, err)
+                continue
+            if score > best:
+                sources, best = trial, score
+    return tuple(sources), best
+
+
+def mixed_candidate(sources: Sequence[Candidate]) -> Candidate:
+    """One candidate answering each label position with that position's source; it has shares
+    (for blends) only when every source has them."""
+    names = [c.name for c in sources]
+    distinct = {c.name: c for c in sources}
+
+    def columns(get: Callable[[Candidate], list[Any]]) -> list[list[Any]]:
+        by_name = {name: get(c) for name, c in distinct.items()}
+        n = len(next(iter(by_name.values())))
+        return [[by_name[name][i][j] for j, name in enumerate(names)] for i in range(n)]
+
+    def predict(cases: Sequence[Case]) -> list[Any]:
+        return columns(lambda c: c.predict(cases))
+
+    def shares(cases: Sequence[Case]) -> list[list[dict[Any, float]]]:
+        return columns(lambda c: c.shares(cases))  # type: ignore[misc]
+
+    blendable = all(c.shares is not None for c in distinct.values())
+    return Candidate(f"per-field[{','.join(names)}]", predict, shares if blendable else None)
 
 
 def pick(scored: Sequence[Scored], cost: Mapping[str, int]) -> Choice:
@@ -106,17 +172,28 @@ def pick(scored: Sequence[Scored], cost: Mapping[str, int]) -> Choice:
     return Choice(best.name, list(scored))
 
 
-def choose_base(candidates: Sequence[Candidate], validation: Sequence[Case], metric) -> Choice:
-    """Round 1: the best model-free candidate on every validation case. Without validation cases
-    (or labels) there is nothing to compare: the first candidate (the most specific head) wins."""
+def choose_base(
+    candidates: Sequence[Candidate], validation: Sequence[Case], metric, *, per_field: bool = False
+) -> Choice:
+    """Round 1: the best model-free candidate on every validation case (with `per_field`, on a
+    multi-label task, possibly a per-field mix of them). Without validation cases (or labels)
+    there is nothing to compare: the first candidate (the most specific head) wins."""
     if not candidates:
         raise ValueError("no model-free candidate: the training prior should always be one")
     if not validation:
         log.warning("no validation cases: cannot compare candidates; using %s", candidates[0].name)
         return Choice(candidates[0].name, [Scored(c.name, None, 0) for c in candidates])
     truths = [c.label for c in validation]
-    scored = score_candidates({c.name: (lambda c=c: c.predict(validation)) for c in candidates}, truths, metric)
+    values: dict[str, list[Any]] = {}
+    scored = score_candidates({c.name: (lambda c=c: c.predict(validation)) for c in candidates}, truths, metric, values)
     choice = pick(scored, {c.name: c.cost for c in candidates})
+    if per_field and len(values) > 1 and choice.chosen in values:
+        sources, score = mix_per_field(values, choice.chosen, truths, metric)
+        if len(set(sources)) > 1:
+            by_name = {c.name: c for c in candidates}
+            mixed = mixed_candidate([by_name[s] for s in sources])
+            choice.scores.append(Scored(mixed.name, score, len(truths)))
+            choice.chosen, choice.sources, choice.mixed = mixed.name, sources, mixed
     log.info(
         "validation (%d cases), model-free candidates: %s; base: %s (by %.3f)",
         len(validation),
@@ -138,20 +215,35 @@ def choose_with_model(
     metric,
     *,
     blends: Collection[str] = (),
+    per_field: bool = False,
 ) -> Choice:
     """Round 2: the base against the model's variants (the model alone, blends, example
     strategies), all on the same validation sample; variants listed cheapest first. The model
     alone wins a tie with the base; a blend (named in `blends`) must beat the base outright, as a
-    blend that only ties it is the base at the model's cost."""
+    blend that only ties it is the base at the model's cost. With `per_field` (multi-label tasks)
+    the best model variant and the base are also mixed per field; a mix that wins outright is
+    chosen as `"<variant>|<base> per field"`, its `sources` naming each position's side."""
     truths = [c.label for c in sample]
     predictions: dict[str, Callable[[], list[Any]]] = {base.name: lambda: base.predict(sample)}
     for name, predict in model_variants.items():
         predictions[name] = lambda predict=predict: predict(sample)
-    scored = score_candidates(predictions, truths, metric)
+    values: dict[str, list[Any]] = {}
+    scored = score_candidates(predictions, truths, metric, values)
     alone = [name for name in model_variants if name not in blends]
     order = [*alone, base.name, *(name for name in model_variants if name in blends)]
     cost = {name: i for i, name in enumerate(order)}
     choice = pick(scored, cost)
+    model_scored = [s for s in scored if s.name in model_variants and s.score is not None]
+    if per_field and model_scored and base.name in values and sample:
+        best_model = pick(model_scored, cost).chosen
+        pair = {best_model: values[best_model], base.name: values[base.name]}
+        start = choice.chosen if choice.chosen in pair else best_model
+        sources, score = mix_per_field(pair, start, truths, metric)
+        top = max(round(s.score, DECIMALS) for s in scored if s.score is not None)
+        if len(set(sources)) > 1 and score > top:
+            name = f"{best_model}|{base.name} per field"
+            choice.scores.append(Scored(name, score, len(truths)))
+            choice.chosen, choice.sources = name, sources
     log.info(
         "validation (%d cases), with the model: %s; using %s (by %.3f)",
         len(sample),

@@ -102,6 +102,7 @@ class JobRun:
     base_candidate: Candidate | None = None
     base: Precomputed | None = None  # the base's answers for the test set: the fallback of every case
     blend: float = 0.0
+    model_fields: tuple[bool, ...] | None = None  # a per-field mix: the positions the model answers
     backend: OpenBackend | None = None
     builder: PromptBuilder | None = None
     n_ctx: int = 0
@@ -182,7 +183,9 @@ class JobRun:
         """Round 1 of the validation choice: the best model-free candidate on every validation
         case answers whatever the model does not (and everything, if the model loses)."""
         job = self.job
-        choice = choose_base(self.candidates, job.validation, self._metric)
+        choice = choose_base(self.candidates, job.validation, self._metric, per_field=self._per_field)
+        if choice.mixed is not None:
+            self.candidates.append(choice.mixed)
         score = {c.name: c.score for c in choice.scores}
         # The chosen first; if it cannot answer the test set, the next best does (the prior last).
         ranked = sorted(
@@ -282,7 +285,12 @@ class JobRun:
 
         blends = [n for n, v in variants.items() if v.blend > 0]
         choice = choose_with_model(
-            self.base_candidate, {n: answer_with(v) for n, v in variants.items()}, sample, self._metric, blends=blends
+            self.base_candidate,
+            {n: answer_with(v) for n, v in variants.items()},
+            sample,
+            self._metric,
+            blends=blends,
+            per_field=self._per_field,
         )
         self.summary.choice["model"] = choice.as_dict()
         self.summary.choice["chosen"] = choice.chosen
@@ -291,7 +299,11 @@ class JobRun:
             backend.close()
             self.ask_model = False
             return
-        chosen = variants[choice.chosen]
+        if choice.sources:  # a per-field mix: the model answers, the base keeps its positions
+            self.model_fields = tuple(src != self.base.name for src in choice.sources)
+            chosen = variants[next(src for src in choice.sources if src != self.base.name)]
+        else:
+            chosen = variants[choice.chosen]
         self.blend = chosen.blend
         if chosen.tf != tf:
             self.tf = chosen.tf
@@ -377,6 +389,7 @@ class JobRun:
             self.base,
             self.blend,
             on_failure=self.summary.count_failure,
+            model_fields=self.model_fields,
         )
 
     def verify(self) -> None:
@@ -392,6 +405,11 @@ class JobRun:
             self.backend.close()
 
     # --- helpers ------------------------------------------------------------------------------
+
+    @property
+    def _per_field(self) -> bool:
+        """Whether the validation choice may mix candidates per label position."""
+        return self.job.task_type.multi and not self.job.task_type.is_ner
 
     def _metric(self, truths: Sequence[Any], values: Sequence[Any]) -> float:
         """DRAGON's metric for this task."""
@@ -439,9 +457,11 @@ def predictions(
     blend: float,
     *,
     on_failure: Any = None,
+    model_fields: Sequence[bool] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per case: the model's answer post-processed (and blended with the fallback's
-    label shares when asked), or the fallback's answer."""
+    label shares when asked), or the fallback's answer; with `model_fields` (a per-field mix)
+    the fallback answers the positions marked False."""
     records = []
     for case in cases:
         answer = answers.get(case.uid)
@@ -452,6 +472,9 @@ def predictions(
                 shares = fallback.shares(case) if blend > 0 else None
                 if shares is not None:
                     value = blend_with_vote(value, answer.likelihoods, fallback(case), shares, blend, tf)
+                if model_fields is not None:
+                    base = fallback(case)
+                    value = [v if own else b for v, b, own in zip(value, base, model_fields, strict=True)]
             except (ValueError, KeyError, TypeError) as err:
                 log.warning("uid %s: answer could not be post-processed (%s); using the fallback", case.uid, err)
                 if on_failure:

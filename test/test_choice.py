@@ -11,7 +11,7 @@ import pytest
 from conftest import write_job
 
 import process
-from extractor.choice import Candidate, Precomputed, Scored, choose_base, choose_with_model, pick
+from extractor.choice import Candidate, Precomputed, Scored, choose_base, choose_with_model, mix_per_field, pick
 from extractor.dragon_io import Case, load_job, verify_predictions
 from extractor.settings import parse_settings
 
@@ -181,3 +181,79 @@ def test_validation_answers_stop_when_the_test_set_would_not_fit_the_time_left(t
     answers, sample, interrupted = run._answer_validation(list(run.job.validation), run.tf, backend)
     assert not interrupted and len(sample) == 4 < len(run.job.validation)  # 40 s spent, 60 s for 6 test reports
     assert set(answers) == {c.uid for c in sample}
+
+
+# --- per-field mixes on multi-label tasks ---------------------------------------------------------
+
+ML_VAL = [Case(str(i), text="x", label=["a" if i % 2 else "b", "c" if i < 2 else "d"]) for i in range(4)]
+
+
+def pooled_agreement(truths, values) -> float:
+    """Agreement pooled over label positions, as DRAGON pools most multi-label metrics."""
+    pairs = [(t, v) for ts, vs in zip(truths, values, strict=True) for t, v in zip(ts, vs, strict=True)]
+    return sum(t == v for t, v in pairs) / len(pairs)
+
+
+def column(name: str, first: list, second: list) -> Candidate:
+    """A candidate whose answers per case are scripted position by position."""
+    return Candidate(name, lambda cases: [[first[int(c.uid)], second[int(c.uid)]] for c in cases])
+
+
+FIRST_RIGHT = column("first-right", ["b", "a", "b", "a"], ["d", "d", "d", "d"])  # position 0 all right
+SECOND_RIGHT = column("second-right", ["a", "a", "a", "a"], ["c", "c", "d", "d"])  # position 1 all right
+
+
+def test_mix_per_field_takes_each_position_from_the_source_that_raises_the_score() -> None:
+    values = {c.name: c.predict(ML_VAL) for c in (FIRST_RIGHT, SECOND_RIGHT)}
+    truths = [c.label for c in ML_VAL]
+    sources, score = mix_per_field(values, "first-right", truths, pooled_agreement)
+    assert sources == ("first-right", "second-right") and score == 1.0
+    alone, same = mix_per_field({"first-right": values["first-right"]}, "first-right", truths, pooled_agreement)
+    assert alone == ("first-right", "first-right") and same == 0.75
+
+
+def test_round_1_chooses_a_per_field_mix_only_when_asked_and_only_when_it_wins() -> None:
+    plain = choose_base([FIRST_RIGHT, SECOND_RIGHT], ML_VAL, pooled_agreement)
+    assert plain.chosen == "first-right" and plain.mixed is None
+    mixed = choose_base([FIRST_RIGHT, SECOND_RIGHT], ML_VAL, pooled_agreement, per_field=True)
+    assert mixed.chosen == "per-field[first-right,second-right]" and mixed.sources == ("first-right", "second-right")
+    assert mixed.as_dict()["scores"][mixed.chosen] == 1.0 and mixed.margin == pytest.approx(0.25)
+    assert mixed.mixed is not None and mixed.mixed.predict(ML_VAL) == [c.label for c in ML_VAL]
+    assert mixed.mixed.shares is None  # the sources have no shares, so the mix cannot be blended
+    same = column("same-as-first", ["b", "a", "b", "a"], ["d", "d", "d", "d"])
+    tie = choose_base([FIRST_RIGHT, same], ML_VAL, pooled_agreement, per_field=True)
+    assert tie.chosen == "first-right" and tie.mixed is None  # a mix that only ties is not taken
+
+
+def test_round_2_mixes_the_model_and_the_base_per_field() -> None:
+    model = {"llm": SECOND_RIGHT.predict}
+    choice = choose_with_model(FIRST_RIGHT, model, ML_VAL, pooled_agreement, per_field=True)
+    assert choice.chosen == "llm|first-right per field" and choice.sources == ("first-right", "llm")
+    assert choose_with_model(FIRST_RIGHT, model, ML_VAL, pooled_agreement).chosen == "llm"  # 0.75 ties: the model
+
+
+def test_a_per_field_choice_answers_the_base_positions_with_the_base(tmp_path: Path) -> None:
+    """`predictions` with model_fields: the model's value where marked, the base's elsewhere."""
+    from extractor.generation import CaseAnswer
+    from extractor.pipeline import predictions
+    from extractor.taskfiles import Taskfile
+
+    tf = Taskfile.model_validate(
+        {
+            "task_names": ["TaskX"],
+            "label_name": "multi_label_multi_class_classification_target",
+            "instructions": "x",
+            "fields": [
+                {"name": "one", "type": "label", "labels": ["a", "b"]},
+                {"name": "two", "type": "label", "labels": ["c", "d"]},
+            ],
+        }
+    )
+    cases = ML_VAL[:2]
+    answers = {c.uid: CaseAnswer(c.uid, answer={"one": "a", "two": "c"}) for c in cases}
+    base = Precomputed(FIRST_RIGHT, cases)
+    key = "multi_label_multi_class_classification"
+    mixed = predictions(cases, tf, key, answers, base, 0.0, model_fields=(False, True))
+    assert [r[key] for r in mixed] == [["b", "c"], ["a", "c"]]
+    alone = predictions(cases, tf, key, answers, base, 0.0)
+    assert [r[key] for r in alone] == [["a", "c"], ["a", "c"]]

@@ -223,6 +223,11 @@ def test_round_1_chooses_a_per_field_mix_only_when_asked_and_only_when_it_wins()
     same = column("same-as-first", ["b", "a", "b", "a"], ["d", "d", "d", "d"])
     tie = choose_base([FIRST_RIGHT, same], ML_VAL, pooled_agreement, per_field=True)
     assert tie.chosen == "first-right" and tie.mixed is None  # a mix that only ties is not taken
+    val = [*ML_VAL, *(Case(str(i), text="x", label=["a", "d"]) for i in range(4, 400))]  # 800 positions
+    first = column("first", ["b", "a", "b", "a", *["a"] * 396], ["d"] * 400)  # position 1 wrong on cases 0 and 1
+    fix = column("fix", ["a"] * 400, ["c", "d", "d", "d", *["d"] * 396])  # right on case 0 only
+    small = choose_base([first, fix], val, pooled_agreement, per_field=True)
+    assert small.chosen == "first" and small.mixed is None  # the mix gains 1/800 < MIX_MIN_GAIN
 
 
 def test_round_2_mixes_the_model_and_the_base_per_field() -> None:

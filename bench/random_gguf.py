@@ -6,11 +6,13 @@ Speed on a GPU depends on the shapes and the quantisation type of the weights, n
 values, so a model with random 4-bit weights of a real architecture's dimensions measures
 prefill, decode and batching faithfully. Its answers are nonsense, but the JSON-schema grammar
 keeps them valid, so the whole pipeline runs. The tokenizer (vocabulary, merges, chat template) is
-copied from a real GGUF (the default model) and padded with unused tokens to the preset's
+copied from a real GGUF (the default model, or a tokenizer-only GGUF that
+scripts/make_device_kit.sh cuts from one) and padded with unused tokens to the preset's
 vocabulary size, so the embedding and output matrices have their real sizes too.
 
 Every weight matrix is written as Q4_K blocks made directly of random bytes with small fixed
-scales: no float copy of the model is ever built, so a 14B file is written in about a minute.
+scales: no float copy of the model is ever built, and tensors are cut from one pool of random
+blocks drawn once, so writing a 14B file is bound by the disk, not by the random generator.
 (A real Q4_K_M file keeps the output matrix and some layers in Q6_K; this one is slightly smaller.)
 Architecture: `llama` (the same matrix shapes as Qwen2.5 and Llama 3, without Qwen's q/k/v biases).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +67,20 @@ def tokenizer_fields(path: Path) -> list[tuple[str, object, object, object]]:
     return fields
 
 
-def q4k_blocks(rng: np.random.Generator, n_blocks: int, scale: float) -> np.ndarray:
-    """Random Q4_K blocks: random 4-bit values and 6-bit sub-scales, fixed small d and dmin."""
-    blocks = rng.integers(0, 256, size=(n_blocks, Q4_K_BLOCK_BYTES), dtype=np.uint8)
+# Random blocks are drawn once into a pool and tensors are cut from it cyclically: drawing 8 GiB of
+# random bytes for a 14B file took most of its minute, and speed does not depend on the values. The
+# pool's block count is prime, so no two rows of a matrix start at the same place in it.
+POOL_BLOCKS = 262_147
+
+
+def q4k_blocks(pool: np.ndarray, start: int, n_blocks: int, scale: float) -> np.ndarray:
+    """n_blocks random Q4_K blocks from the pool (from block `start` on, wrapping): random 4-bit
+    values and 6-bit sub-scales, fixed small d and dmin."""
+    start %= len(pool)
+    if start + n_blocks <= len(pool):
+        blocks = pool[start : start + n_blocks].copy()
+    else:
+        blocks = pool[(start + np.arange(n_blocks, dtype=np.int64)) % len(pool)]
     halves = np.array([scale, scale / 4], dtype=np.float16).view(np.uint8)
     blocks[:, :4] = halves  # d, dmin: finite and small, so activations stay finite
     return blocks
@@ -141,11 +154,14 @@ def write(out: Path, preset: Preset, tokenizer: Path, seed: int = 0) -> Path:
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 256, size=(POOL_BLOCKS, Q4_K_BLOCK_BYTES), dtype=np.uint8)
+    start = 0
     for _name, ne0, ne1 in matrices:
         rows, width = byte_shape(ne0, ne1)
         n_blocks = rows * width // Q4_K_BLOCK_BYTES
         # Scale so that a row's dot product with a unit-RMS input stays near 1 whatever ne0 is.
-        writer.write_tensor_data(q4k_blocks(rng, n_blocks, 0.3 / (ne0**0.5) / 8).reshape(rows, width))
+        writer.write_tensor_data(q4k_blocks(pool, start, n_blocks, 0.3 / (ne0**0.5) / 8).reshape(rows, width))
+        start = (start + n_blocks) % POOL_BLOCKS
     for _ in norms:
         writer.write_tensor_data(np.ones(preset.n_embd, dtype=np.float32))
     writer.close()
@@ -158,8 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-14b")
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER, help="GGUF to copy the tokenizer from")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--own-vocab",
+        action="store_true",
+        help="keep the tokenizer's own vocabulary size (no padding), e.g. Gemma 3's 262k tokens",
+    )
     args = parser.parse_args(argv)
-    path = write(args.out, PRESETS[args.preset], args.tokenizer, args.seed)
+    preset = PRESETS[args.preset]
+    if args.own_vocab:
+        preset = replace(preset, n_vocab=0)
+    path = write(args.out, preset, args.tokenizer, args.seed)
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB, preset {args.preset})")
     return 0
 

@@ -17,6 +17,9 @@ each setting in its own subprocess so peak memory (ru_maxrss) is its own:
   Time split from the engine's stats: prefill, decode, scoring (evaluating candidate labels),
   sampling (grammar checks); other = Python bookkeeping.
 
+Decode steps per answer: the evaluations of a sequence after its prompt (each step that carries
+its chosen token with the run the grammar forces after it, or a candidate label being scored).
+With `--json`, every setting's answers per request: parsed answer, label likelihoods, text.
 Rates count every report from the first request to the last result, model loading excluded.
 The table ends with `speedup <x>`: the best engine setting's reports/s over the naive loop's.
 """
@@ -199,7 +202,8 @@ def _drive(engine: Any, requests: list[Any]) -> dict[str, Any]:
         "full_grammar_applies": st.full_grammar_applies,
         "greedy_accepted": st.greedy_accepted,
         "extra": st.extra,
-        "answers": answers,
+        "steps_per_answer": st.extra.get("answer_steps", 0) / max(st.extra.get("answers", 0), 1),
+        "answers": answers,  # per request: parsed answer, most likely label, label likelihoods, text
     }
 
 
@@ -239,6 +243,12 @@ def agreement(ref: dict[str, Any], other: dict[str, Any]) -> tuple[float, float,
     if not n:
         return (float("nan"),) * 4
     return same_text / n, same_answer / n, same_best / n, worst
+
+
+def steps_per_answer(r: dict[str, Any]) -> float:
+    """Evaluations of a sequence after its prompt (decode steps and candidate-literal scoring), per answer."""
+    extra = r.get("extra", {})
+    return extra.get("answer_steps", 0) / max(extra.get("answers", 0), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"N={setting}: grammar sampling {r['sampling_s'] / max(decode, 1e-9):.1%} of decode time; "
             f"{r['greedy_accepted']} greedy tokens accepted, {r['extra'].get('topk_grammar_applies', 0)} top-k and "
-            f"{r['full_grammar_applies']} full-vocabulary grammar applies; {r['extra'].get('steps', 0)} steps"
+            f"{r['full_grammar_applies']} full-vocabulary grammar applies; {r['extra'].get('steps', 0)} steps; "
+            f"{steps_per_answer(r):.1f} decode steps per answer, {r['extra'].get('forced_tokens', 0)} forced tokens "
+            f"in {r['extra'].get('forced_runs', 0)} runs"
         )
     print(f"load average after {load_after[0]:.2f} (1 min), {load_after[1]:.2f} (5 min)")
     if args.json:

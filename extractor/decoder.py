@@ -33,6 +33,8 @@ import orjson
 from extractor.backend import Request, Result
 
 TOP_K_TIERS = (64, 2048)  # tokens checked against the grammar when the greedy one is rejected
+MAX_FORCED_BYTES = 256  # the longest forced run worked out at once (the rest follows in the next step)
+QUICK_BYTES = b' e"0t,a1:}'  # bytes often allowed where the model chooses (see Probe)
 
 
 class Grammar(Protocol):
@@ -106,9 +108,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def at_value(text: bytes, name: str) -> bool:
-    """True where the generated JSON has just written the key of field `name` and its colon."""
-    key = orjson.dumps(name) + b":"
-    return text.endswith(key) or text.endswith(key + b" ")
+    """True where the generated JSON has just written the key of field `name` and its colon (the
+    grammar allows a space before and after the colon)."""
+    key = orjson.dumps(name)
+    return any(text.endswith(key + sep) for sep in (b":", b": ", b" :", b" : "))
 
 
 def greedy_allowed(grammar: Grammar, logits: np.ndarray, stats: EngineStats) -> int:
@@ -138,6 +141,90 @@ def greedy_allowed(grammar: Grammar, logits: np.ndarray, stats: EngineStats) -> 
     return token
 
 
+@dataclass(frozen=True)
+class Probe:
+    """The tokens whose grammar check says which bytes may come next (`byte_probe`): one per byte
+    (ascending, the end of generation included), and a few common ones checked one by one first,
+    since where the model chooses (inside a string, a number) two of those are usually allowed."""
+
+    ids: np.ndarray
+    quick: tuple[int, ...]
+
+
+def byte_probe(vocab: Vocab, n_vocab: int, eog: Sequence[int]) -> Probe | None:
+    """One token per byte that starts a token (the first whose piece is that byte alone) and the
+    end-of-generation tokens. None when a byte starts tokens but has no token of its own: the probe
+    could not ask about it and might think it excluded. (A byte that starts no token, such as 0xFF
+    in UTF-8 vocabularies, can never be written next, so it needs no probe.)"""
+    single: dict[int, int] = {}
+    starts: set[int] = set()
+    for token in range(n_vocab):
+        piece = vocab.piece(token)
+        if not piece:
+            continue
+        starts.add(piece[0])
+        if len(piece) == 1 and piece[0] not in single:
+            single[piece[0]] = token
+    if starts - single.keys():
+        return None
+    ids = np.unique(np.array([*single.values(), *eog], dtype=np.intc))
+    return Probe(ids, tuple(single[b] for b in QUICK_BYTES if b in single))
+
+
+def only_allowed(grammar: Grammar, probe: Probe) -> int | None:
+    """The one token of the probe the grammar allows, or None when it allows none or several: the
+    quick tokens one by one (two allowed: None), then one check of all the others."""
+    seen = None
+    for token in probe.quick:
+        if grammar.allowed(token):
+            if seen is not None:
+                return None
+            seen = token
+    ids = probe.ids if seen is None else probe.ids[probe.ids != seen]
+    other = grammar.best_allowed(ids, np.zeros(len(ids), dtype=np.float32))
+    if seen is None:
+        if other is None:
+            return None
+        rest = ids[ids != other]
+        return other if grammar.best_allowed(rest, np.zeros(len(rest), dtype=np.float32)) is None else None
+    return seen if other is None else None
+
+
+def forced_run(
+    grammar: Grammar, probe: Probe, vocab: Vocab, stop: Callable[[bytes], bool], limit: int = MAX_FORCED_BYTES
+) -> tuple[bytes, bool]:
+    """The text the grammar allows in exactly one way from here (byte by byte, with `probe` from
+    `byte_probe`), and whether the end of generation is then the only thing left. The run ends
+    where the grammar leaves a choice, after `limit` bytes, or where `stop(run)` says (a scored
+    field's value starts there); it is cut to whole UTF-8 characters. Checked on a copy."""
+    token = only_allowed(grammar, probe) if limit > 0 else None
+    if token is None:
+        return b"", False  # the common case (the model chooses): no copy made
+    if vocab.is_eog(token):
+        return b"", True
+    state = grammar.clone()
+    run = b""
+    ends = False
+    try:
+        while True:
+            state.accept(token)
+            run += vocab.piece(token)
+            if stop(run) or len(run) >= limit:
+                break
+            token = only_allowed(state, probe)
+            if token is None:
+                break
+            if vocab.is_eog(token):
+                ends = True
+                break
+    finally:
+        state.free()
+    whole = run.decode("utf-8", errors="ignore").encode()
+    if whole != run:
+        return run[: len(whole)] if run.startswith(whole) else b"", False
+    return run, ends
+
+
 def scored_fields(req: Request) -> tuple[list[tuple[str, tuple[str, ...]]], dict[str, str]]:
     """The fields to score, in schema order, and the character that ends each field's value."""
     fields = list(req.schema.get("properties", {}))
@@ -165,6 +252,7 @@ class Decoder:
         n_past: int = 0,
         n_ctx: int,
         batch_room: int,
+        probe: Probe | None = None,
     ) -> None:
         self.req = req
         self.tokens = list(tokens)
@@ -175,6 +263,7 @@ class Decoder:
         self.n_past = n_past
         self.n_ctx = n_ctx
         self.batch_room = batch_room
+        self.probe = probe  # forced runs are worked out with it and fed whole (None: token by token)
         self.phase = Phase.PROMPT
         self.result: Result | None = None
         self._pending = self.tokens[n_past:]
@@ -187,8 +276,12 @@ class Decoder:
         self._variants: list[_Variant] = []
         self._queue: list[_Variant] = []
         self._decision_logits: np.ndarray | None = None
+        self.steps = 0  # evaluations of this sequence after its prompt (DECODE and SCORE feeds)
         if not self._pending:
             raise ValueError("a decoder needs at least one prompt token of its own")
+        if budget > 1:  # an answer's forced start (its opening brace) goes with the prompt
+            start, _ = self._forced()
+            self._pending += self._accept(start[: budget - 1])
 
     # -- what to evaluate ---------------------------------------------------------------------------
 
@@ -212,11 +305,13 @@ class Decoder:
                 self.phase = Phase.DECODE
                 self._advance(row(n - 1))
         elif self.phase is Phase.DECODE:
+            self.steps += 1
             self.n_past += n
             self._feed = self._feed[n:]
             if not self._feed:
                 self._advance(row(n - 1))
         elif self.phase is Phase.SCORE:
+            self.steps += 1
             t0 = time.perf_counter()
             v = self._queue.pop(0)
             for j, nxt in enumerate(v.tokens[1:]):
@@ -244,18 +339,62 @@ class Decoder:
         return self._write(self._stop_at_key(token) if check_field and self._scored else [token])
 
     def _write(self, tokens: list[int]) -> None:
-        """Append tokens to the answer (within the budget) and feed them next."""
+        """Append tokens to the answer (within the budget), then the run the grammar forces after
+        them, and feed them all next; when the grammar then allows only the end, the answer ends."""
+        tokens = self._accept(tokens)
+        ends = False
+        if tokens and len(self.out) < self.budget:
+            more, ends = self._forced()
+            more = self._accept(more)
+            if more:
+                extra = self.stats.extra
+                extra["forced_runs"] = extra.get("forced_runs", 0) + 1
+                extra["forced_tokens"] = extra.get("forced_tokens", 0) + len(more)
+            tokens = tokens + more
+        if len(self.out) >= self.budget:
+            return self._finish(finished=False)
+        if ends:
+            self.stats.extra["forced_ends"] = self.stats.extra.get("forced_ends", 0) + 1
+            return self._finish(finished=True)
+        self._feed = tokens
+        self.phase = Phase.DECODE
+        return None
+
+    def _accept(self, tokens: list[int]) -> list[int]:
+        """Tokens written to the answer (those within the budget)."""
         tokens = tokens[: self.budget - len(self.out)]
         for tok in tokens:
             if self.grammar is not None:
                 self.grammar.accept(tok)
             self.text += self.vocab.piece(tok)
         self.out += tokens
-        if len(self.out) >= self.budget:
-            return self._finish(finished=False)
-        self._feed = tokens
-        self.phase = Phase.DECODE
-        return None
+        return tokens
+
+    def _forced(self) -> tuple[list[int], bool]:
+        """The tokens of the run the grammar forces from here (never past a scored field's value
+        start, where the literals are scored), and whether only the end is left after it."""
+        if self.grammar is None or self.probe is None:
+            return [], False
+        t0 = time.perf_counter()
+        name = self._scored[0][0] if self._scored else None
+        if name is not None and at_value(self.text, name):
+            return [], False
+
+        def stop(run: bytes) -> bool:
+            return name is not None and at_value(self.text + run, name)
+
+        run, ends = forced_run(self.grammar, self.probe, self.vocab, stop, min(MAX_FORCED_BYTES, self.batch_room))
+        tokens: list[int] = []
+        if run:
+            tokens = self.vocab.text_tokens(run.decode())
+            if b"".join(self.vocab.piece(t) for t in tokens) != run or not self._grammar_takes(tokens):
+                tokens, ends = [], False  # a tokenizer that changes the text (a space prefix): token by token
+            elif not ends:
+                # The run's last token is left to the model: it may merge with what follows (a key's
+                # closing quote with the colon, '":'), and a lone '"' puts the model off its tokens.
+                tokens = tokens[:-1]
+        self.stats.sampling_s += time.perf_counter() - t0
+        return tokens, ends
 
     def _stop_at_key(self, token: int) -> list[int]:
         """The token, or, when it would run past the next scored field's key into its value (a
@@ -336,6 +475,9 @@ class Decoder:
 
     def _finish(self, *, finished: bool) -> None:
         self.stats.output_tokens += len(self.out)
+        extra = self.stats.extra
+        extra["answers"] = extra.get("answers", 0) + 1
+        extra["answer_steps"] = extra.get("answer_steps", 0) + self.steps
         self.stats.missed_decision_points += len(self._scored)
         self.phase = Phase.DONE
         self.result = Result(

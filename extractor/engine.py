@@ -7,9 +7,12 @@ decoders, as llama.cpp's server splits slots from its step loop; every call into
 through `extractor.llama_api`.
 
 * Each step evaluates, for every active sequence, what its decoder feeds next: a chunk of its
-  prompt, the token it just chose, the forced tokens of a scored literal, or one candidate literal
-  being scored. Finished sequences are replaced by waiting requests at the next step (continuous
-  refill), and results are yielded as they finish. `--parallel 1` is the same loop with one slot.
+  prompt, the token it just chose with the run the grammar then allows in one way only (the rest of
+  a key, a terminator: the decoder's forced runs), the forced tokens of a scored literal, or one
+  candidate literal being scored. A forced run is one multi-token feed, so the steps an answer
+  takes are the ones where the model chooses (`answer_steps` / `answers` in the stats).
+  Finished sequences are replaced by waiting requests at the next step (continuous refill), and
+  results are yielded as they finish. `--parallel 1` is the same loop with one slot.
 * The KV cache is split per sequence (attention only over a sequence's own cells). The token
   prefix the requests of a call share (instructions, template) is evaluated once in its own
   sequence and copied into each new request's sequence; it stays cached between calls, so the
@@ -20,11 +23,11 @@ one token than when it holds several (another matrix-product path; the 8-bit re-
 activations turns the tiny difference into ~0.1-0.5 in the logits), and a sequence's tokens are
 split across physical batches by how many tokens each sequence brings. The CPU plan (`exact=True`,
 the default without a GPU) therefore evaluates each sequence's tokens in fixed shapes: one call per
-step with every one-token feed, then one call per longer feed (a prompt chunk, a forced literal, a
+step with every one-token feed, then one call per longer feed (a prompt chunk, a forced literal or run, a
 multi-token candidate), never leaving a lone prompt token. On a CPU the results are then
 independent of N and of which requests share a batch. The GPU plan (`exact=False`) puts
-everything in one `llama_decode` per step and feeds forced literals one token per step, the fewest
-passes over the weights; GPU kernels round by batch size anyway.
+everything in one `llama_decode` per step, forced runs whole, the fewest passes over the weights;
+GPU kernels round by batch size anyway.
 
 Defaults: N (parallel sequences) is `EngineOptions.n_seq` or, when 0, 8 on a CPU and 16 on a GPU,
 lowered so that the KV cache of N + 1 sequences fits in half the free memory. `EngineOptions.n_ctx`
@@ -52,7 +55,7 @@ import numpy as np
 import orjson
 
 from extractor.backend import Message, Request, Result, check_stop
-from extractor.decoder import Decoder, EngineStats, Feed, Phase
+from extractor.decoder import Decoder, EngineStats, Feed, Phase, byte_probe
 from extractor.llama_api import (
     Batch,
     Context,
@@ -323,7 +326,13 @@ class Engine:
     name = "llama"
 
     def __init__(
-        self, model_path: Path, options: EngineOptions, n_seq: int | None = None, *, exact: bool | None = None
+        self,
+        model_path: Path,
+        options: EngineOptions,
+        n_seq: int | None = None,
+        *,
+        exact: bool | None = None,
+        forced_runs: bool = False,
     ):
         self.options = options
         self.closed = False
@@ -332,7 +341,7 @@ class Engine:
         n_gpu = gpu_layers(options)
         self.model = Model(Path(model_path), n_gpu_layers=n_gpu)
         try:
-            self._setup(options, n_seq, exact, n_gpu, n_threads)
+            self._setup(options, n_seq, exact, n_gpu, n_threads, forced_runs)
         except BaseException:
             self.model.close()
             raise
@@ -346,7 +355,9 @@ class Engine:
             ", GPU" if self.on_gpu else "",
         )
 
-    def _setup(self, options: EngineOptions, n_seq: int | None, exact: bool | None, n_gpu: int, n_threads: int) -> None:
+    def _setup(
+        self, options: EngineOptions, n_seq: int | None, exact: bool | None, n_gpu: int, n_threads: int, forced: bool
+    ) -> None:
         model = self.model
         self.chat = LlamaChat(model)
         self.on_gpu = n_gpu != 0
@@ -373,9 +384,14 @@ class Engine:
         self.stats = EngineStats()
         self.stats.extra.update(
             n_seq=self.n_seq, n_ctx_seq=self.n_ctx_seq, steps=0, calls=0, batch_tokens=0,
-            topk_grammar_applies=0, stream_copies=0,
+            topk_grammar_applies=0, stream_copies=0, answers=0, answer_steps=0, forced_runs=0, forced_tokens=0,
+            forced_ends=0,
         )  # fmt: skip
         self.grammars = Grammars(model)
+        # The tokens that ask the grammar which bytes may come next (None: forced runs off).
+        self.probe = byte_probe(model, model.n_vocab, [model.eos]) if forced else None
+        if forced and self.probe is None:
+            log.warning("a byte has no token of its own in this vocabulary: forced runs are fed token by token")
         self._prefix: np.ndarray = np.zeros(0, dtype=np.intc)
 
     @property
@@ -563,6 +579,7 @@ class Engine:
             n_past=p_len if use_prefix else 0,
             n_ctx=self.n_ctx_seq,
             batch_room=self.capacity - self.n_seq,
+            probe=self.probe,
         )
 
     def _move(self, src: int, dst: int) -> None:
@@ -610,9 +627,10 @@ class Engine:
         return ([singles] if singles else []) + [[m] for m in multis]
 
     def _plan_mixed(self, decoders: list[Decoder]) -> list[list[_Entry]]:
-        """Everything in one call (fewest passes over the weights: the GPU plan). Forced literals
-        go one token per step; every prefilling sequence gets at least one token, so the run of
-        sequence ids a physical batch takes is not broken."""
+        """Everything in one call (fewest passes over the weights: the GPU plan). A forced run (a
+        scored literal, scaffolding the grammar allows in one way) goes whole, or the part that fits;
+        every prefilling sequence gets at least one token, so the run of sequence ids a physical
+        batch takes is not broken."""
         feeds = {id(d): d.feed() for d in decoders}
         prompting = [d for d in decoders if feeds[id(d)].phase is Phase.PROMPT]
         room = self.capacity - len(prompting)
@@ -621,9 +639,10 @@ class Engine:
             feed = feeds[id(dec)]
             if feed.phase is Phase.PROMPT:
                 continue
-            entry = _take(dec, feed, 1 if feed.phase is Phase.DECODE else len(feed.tokens))
-            if len(entry[1]) > room:
+            n = min(len(feed.tokens), room) if feed.phase is Phase.DECODE else len(feed.tokens)
+            if n == 0 or n > room:
                 continue  # waits for the next step
+            entry = _take(dec, feed, n)
             entries[id(dec)] = entry
             room -= len(entry[1])
         budget = max(0, min(room, self.prefill_chunk - len(prompting)))

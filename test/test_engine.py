@@ -12,6 +12,7 @@ from conftest import DEFAULT_MODEL, REPO, needs_model
 
 from extractor import engine as engine_mod
 from extractor.backend import Message, Request
+from extractor.decoder import Feed, Phase
 from extractor.engine import Engine, EngineError, EngineOptions, choose_n_seq, gpu_layers, lcp, schema_to_grammar
 
 SCHEMA = {
@@ -195,7 +196,7 @@ def test_oversized_prompt_and_an_abandoned_stream_leave_the_engine_usable(batche
 
 @needs_model
 def test_the_gpu_plan_mixes_everything_into_one_call_and_stays_valid() -> None:
-    """exact=False (the default on a GPU): one llama_decode per step, forced literals token by token."""
+    """exact=False (the default on a GPU): one llama_decode per step, forced runs whole."""
     eng = Engine(DEFAULT_MODEL, OPTIONS, n_seq=3, exact=False)
     try:
         reqs = [request(eng, f"m{i}", r) for i, r in enumerate(REPORTS)]
@@ -210,6 +211,51 @@ def test_the_gpu_plan_mixes_everything_into_one_call_and_stays_valid() -> None:
         assert list(answer) == ["lesion", "kind", "size_mm"]
         for name, best in argmax(r.likelihoods).items():
             assert orjson.dumps(answer[name]).decode() == best
+
+
+class _FeedOnly:
+    """A decoder as the planner sees it: what it feeds next."""
+
+    def __init__(self, feed: Feed) -> None:
+        self._feed = feed
+
+    def feed(self) -> Feed:
+        return self._feed
+
+
+def test_the_gpu_plan_feeds_a_forced_run_in_one_step_and_what_fits_when_room_is_short() -> None:
+    eng = Engine.__new__(Engine)  # the planner alone: no model
+    eng.capacity, eng.prefill_chunk = 5, 5
+    run = _FeedOnly(Feed(Phase.DECODE, [5, 6, 7, 8, 9], "last"))
+    chosen = _FeedOnly(Feed(Phase.DECODE, [4], "last"))
+    prompt = _FeedOnly(Feed(Phase.PROMPT, [1, 2, 3, 4, 5, 6], "last"))
+    (call,) = eng._plan_mixed([chosen, run, prompt])
+    assert [(list(toks), rows) for _, toks, rows, _ in call] == [([4], "last"), ([5, 6, 7], "none"), ([1], "none")]
+    (call,) = eng._plan_mixed([run])
+    assert [(list(toks), rows) for _, toks, rows, _ in call] == [([5, 6, 7, 8, 9], "last")]  # one step
+
+
+@needs_model
+def test_forced_runs_take_fewer_steps_and_answers_stay_valid() -> None:
+    """Forced runs fed whole (the default) against token by token (forced_runs=False, the old
+    feeding): fewer steps per answer, the same fields scored, answers that follow the schema."""
+    results, steps = [], []
+    for forced in (False, True):
+        eng = Engine(DEFAULT_MODEL, OPTIONS, n_seq=2, forced_runs=forced)
+        try:
+            reqs = [request(eng, f"f{i}", r, schema=REASONING_SCHEMA, max_tokens=96) for i, r in enumerate(REPORTS[:3])]
+            results.append({r.uid: r for r in eng.generate(reqs)})
+            steps.append(eng.stats.extra["answer_steps"])
+            assert (eng.stats.extra["forced_tokens"] > 0) == forced
+        finally:
+            eng.close()
+    before, after = results
+    assert steps[1] < steps[0]
+    for uid, r in after.items():
+        assert r.finished and r.error is None, uid
+        answer = orjson.loads(r.text)
+        assert list(answer) == ["reasoning", "lesion", "kind", "size_mm"]
+        assert set(r.likelihoods) == set(before[uid].likelihoods) == {"lesion", "kind"}
 
 
 @needs_model

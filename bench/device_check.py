@@ -152,14 +152,31 @@ def synthetic_job(folder: Path, n_test: int, n_train: int = 32, seed: int = 0) -
     return folder
 
 
-def slim_wheel(src: Path, out_dir: Path) -> Path:
+def fix_cuda_library(data: bytes, patchelf: Path) -> bytes:
+    """libggml-cuda as the device must load it: linked against an empty driver stub, the linker
+    dropped libcuda.so.1 from its DT_NEEDED (no symbol came from it), so loading failed with
+    'undefined symbol: cuMemCreate'; and its RUNPATH named this machine's cache folders. patchelf
+    adds the driver back and keeps only $ORIGIN (the device's nvidia-* libraries come in through
+    LD_LIBRARY_PATH, bench/device_check.sh)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Path(tmp) / "libggml-cuda.so.0"
+        lib.write_bytes(data)
+        needed = subprocess.run([str(patchelf), "--print-needed", str(lib)], capture_output=True, text=True, check=True)
+        if "libcuda.so.1" not in needed.stdout.split():
+            subprocess.run([str(patchelf), "--add-needed", "libcuda.so.1", str(lib)], check=True)
+        subprocess.run([str(patchelf), "--set-rpath", "$ORIGIN", str(lib)], check=True)
+        return lib.read_bytes()
+
+
+def slim_wheel(src: Path, out_dir: Path, patchelf: Path | None = None) -> Path:
     """The llama-cpp-python wheel with each shared library once.
 
     A zip cannot hold symbolic links, so the wheel stores every library three times in llama_cpp/lib
     (libX.so, libX.so.0, libX.so.0.N) and again in lib/, which only a C build against it would use;
     with the CUDA library that is several times the travel limit. Kept: the Python package, the
     names Python loads (libllama.so, libggml.so, libmtmd.so, libllava.so) and the SONAMEs the
-    libraries ask each other for (libX.so.0). RECORD is rewritten for what is kept."""
+    libraries ask each other for (libX.so.0). With `patchelf`, libggml-cuda is fixed up
+    (fix_cuda_library). RECORD is rewritten for what is kept."""
     loaded = {"libllama.so", "libggml.so", "libmtmd.so", "libllava.so"}
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / src.name
@@ -184,6 +201,8 @@ def slim_wheel(src: Path, out_dir: Path) -> Path:
             for name in keep:
                 data = zin.read(name)
                 info = zin.getinfo(name)
+                if patchelf is not None and name.rsplit("/", 1)[-1].startswith("libggml-cuda.so"):
+                    data = fix_cuda_library(data, patchelf)
                 zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
                 digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
                 record.writerow([name, f"sha256={digest}", len(data)])
@@ -513,7 +532,7 @@ def environment(check: Check, kit: Path) -> None:
     except Exception as err:  # noqa: BLE001 - reported, the check goes on without the model parts
         facts["llama_cpp_python"] = f"import failed: {err}"
     if shutil.which("nvidia-smi"):
-        q = "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem"
+        q = "--query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.memory"
         out = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, check=False)
         facts["gpu"] = out.stdout.strip()
     facts["cpus"] = os.cpu_count()
@@ -649,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("kit-wheel", help="the llama-cpp-python wheel with each library once")
     p.add_argument("src", type=Path)
     p.add_argument("out_dir", type=Path)
+    p.add_argument("--patchelf", type=Path, default=None, help="fix libggml-cuda's DT_NEEDED and RUNPATH with it")
     p = sub.add_parser("embed-worker", help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--job", type=Path, required=True)
@@ -662,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "kit-job":
         print(synthetic_job(args.out, args.cases))
     elif args.cmd == "kit-wheel":
-        print(slim_wheel(args.src, args.out_dir))
+        print(slim_wheel(args.src, args.out_dir, args.patchelf))
     elif args.cmd == "embed-worker":
         return embed_worker(args)
     return 0

@@ -42,7 +42,7 @@ if ((rehearse)); then
     budget=170
     extra=(--rehearse)
 else
-    py=python3
+    py="${PYTHON:-python3}"  # the image's python3 (the one with PyTorch and the nvidia-* packages)
     budget=290
     extra=()
     site=/tmp/dragon-site
@@ -63,7 +63,7 @@ dirs = sorted({os.path.dirname(p) for r in roots for p in glob.glob(os.path.join
 print(":".join(dirs))
 PY
 )"
-    if [[ -f "${kit}/libs/libgomp.so.1" ]] && ! ldconfig -p | grep -q 'libgomp\.so\.1 '; then
+    if [[ -f "${kit}/libs/libgomp.so.1" ]] && [[ "$(ldconfig -p | grep -c 'libgomp\.so\.1 ')" == 0 ]]; then
         libs="${libs:+${libs}:}$(realpath "${kit}/libs")"
     fi
     export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"

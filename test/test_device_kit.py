@@ -150,3 +150,21 @@ def test_the_kit_fits_and_the_rehearsal_measures_every_part(tmp_path: Path) -> N
     for heading in ("## Throughput", "## Drift of the GPU plan from N = 1", "## Embedding pass"):
         assert heading in table
     assert "| tiny | N=16m | 16 | ok |" in table
+
+
+def test_the_cuda_library_fix_adds_the_driver_and_drops_build_paths(tmp_path: Path) -> None:
+    patchelf = CACHE / "tools" / "patchelf"
+    if not patchelf.exists():
+        pytest.skip(f"no {patchelf} (scripts/make_device_kit.sh fetches it when it packs a CUDA wheel)")
+    src = tmp_path / "lib.c"
+    src.write_text("int ggml_stand_in(void) { return 1; }\n")
+    lib = tmp_path / "libggml-cuda.so.0"
+    subprocess.run(
+        ["cc", "-shared", "-fPIC", "-Wl,-rpath,/build/only/path", "-o", str(lib), str(src)], check=True, timeout=60
+    )
+    fixed = tmp_path / "fixed.so"
+    fixed.write_bytes(device_check.fix_cuda_library(lib.read_bytes(), patchelf))
+    needed = subprocess.run([str(patchelf), "--print-needed", str(fixed)], capture_output=True, text=True, check=True)
+    rpath = subprocess.run([str(patchelf), "--print-rpath", str(fixed)], capture_output=True, text=True, check=True)
+    assert "libcuda.so.1" in needed.stdout.split()
+    assert rpath.stdout.strip() == "$ORIGIN"

@@ -33,8 +33,9 @@ Defaults: N (parallel sequences) is `EngineOptions.n_seq` or, when 0, 8 on a CPU
 lowered so that the KV cache of N + 1 sequences fits in half the free memory. `EngineOptions.n_ctx`
 is the context of each sequence (prompt + output).
 
-Room for an embedding pass (pooled hidden-state vectors for trained heads): `Engine.embed`, a seam
-for now; see its docstring.
+The embedding pass (pooled hidden-state vectors for trained heads): `Engine.embed`, a context of
+its own with embeddings on, whole reports packed into each batch and mean-pooled in numpy
+(`extractor.embeddings`, which also says why llama.cpp's own mean pooling is not used).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ import orjson
 
 from extractor.backend import Message, Request, Result, check_stop
 from extractor.decoder import Decoder, EngineStats, Feed, Phase, byte_probe
+from extractor.embeddings import Embedder
 from extractor.llama_api import (
     Batch,
     Context,
@@ -441,16 +443,20 @@ class Engine:
                 self.ctx.forget(seq)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Mean-pooled, L2-normalised hidden-state vectors of texts, for trained heads: not yet.
+        """Mean-pooled final hidden states of texts, (n, n_embd) float32, for trained heads.
 
-        The seam: llama.cpp pools per sequence only in a context created with embeddings on, so the
-        pass gets a second `llama_api.Context(embeddings=True)` on the same weights, fed by the same
-        batch packing (`Batch.put`, one sequence per text, each whole in one physical batch) and read
-        with `Context.sequence_embedding`. Tried with the pinned llama.cpp: creating that context
-        with mean pooling for the default model aborts in graph reservation
-        (GGML_ASSERT(ggml_can_mul_mat(a, b))), which kills the process, so it stays off until that
-        is understood."""
-        raise NotImplementedError("the embedding pass is not implemented yet (see Engine.embed)")
+        A second context on the same weights, with embeddings on and llama.cpp's pooling off
+        (`extractor.embeddings` says why: its mean pooling aborts in graph reservation when n_ubatch
+        is not a multiple of n_seq_max), several whole texts per `llama_decode`, each cut to
+        `embeddings.MAX_TOKENS` tokens. The context lives for this call only: callers pass many
+        texts at once (the pipeline keeps the vectors in a cache, `embeddings.CachedEmbedder`)."""
+        if self.closed:
+            raise RuntimeError("the engine is closed")
+        embedder = Embedder(self.model, n_threads=self.options.n_threads or available_cores(), on_gpu=self.on_gpu)
+        try:
+            return embedder(texts)
+        finally:
+            embedder.close()
 
     def close(self) -> None:
         if self.closed:

@@ -770,7 +770,11 @@ def train_heads(train: Sequence[Case], ttype: TaskType, *, seed: int = 0) -> lis
 
 class EmbeddingHead:
     """A linear head on report vectors from a callable (the engine's pooled embeddings):
-    logistic regression per label position for classification, ridge regression for numbers."""
+    logistic regression per label position for classification, ridge regression for numbers.
+
+    Vectors are L2-normalised, then standardised with the training vectors' mean and spread: a
+    causal LM's mean-pooled hidden states share a few dominant dimensions, and standardising
+    lets every dimension count for the regularised linear model."""
 
     def __init__(self, embed: Callable[[Sequence[str]], np.ndarray], name: str = "embedding-linear") -> None:
         self.embed = embed
@@ -778,13 +782,19 @@ class EmbeddingHead:
         self.ttype: TaskType | None = None
         self.columns: list[Any] = []
         self.prior: TrainingPrior | None = None
+        self.center: np.ndarray | float = 0.0
+        self.scale: np.ndarray | float = 1.0
 
-    def _x(self, cases: Sequence[Case]) -> np.ndarray:
+    def _x(self, cases: Sequence[Case], *, fit: bool = False) -> np.ndarray:
         x = np.asarray(self.embed([c.content for c in cases]), dtype=np.float64)
         if x.ndim != 2 or x.shape[0] != len(cases):
             raise ValueError(f"embed returned shape {x.shape} for {len(cases)} texts; expected (n, dim)")
         norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.where(norms > 0, norms, 1.0)
+        x = x / np.where(norms > 0, norms, 1.0)
+        if fit:
+            sd = x.std(axis=0)
+            self.center, self.scale = x.mean(axis=0), np.where(sd > 1e-9, sd, 1.0)
+        return (x - self.center) / self.scale
 
     @single_thread
     def fit(self, train: Sequence[Case], ttype: TaskType, *, seed: int = 0) -> EmbeddingHead | None:
@@ -796,7 +806,7 @@ class EmbeddingHead:
             log.info("heads: %d usable training records (< %d); no embedding head", n, MIN_RECORDS)
             return None
         self.ttype, self.prior = ttype, TrainingPrior(train, ttype)
-        x = self._x(train)
+        x = self._x(train, fit=True)
         labels = [c.label if ttype.multi else [c.label] for c in train]
         self.columns = []
         for j in range(len(labels[0])):

@@ -198,6 +198,11 @@ class Model:
         return int(C.llama_vocab_bos(self.vocab))
 
     @property
+    def add_bos(self) -> bool:
+        """Whether the model's tokenizer starts a text with BOS."""
+        return bool(C.llama_vocab_get_add_bos(self.vocab))
+
+    @property
     def eos(self) -> int:
         return int(C.llama_vocab_eos(self.vocab))
 
@@ -245,7 +250,10 @@ class Context:
         n_seq_max: int,
         n_threads: int,
         embeddings: bool = False,
+        kv_unified: bool = False,
     ) -> None:
+        """`embeddings`: every token's final hidden state is kept (`token_embeddings`), unpooled;
+        see `extractor.embeddings` for why llama.cpp's own pooling is not used."""
         cparams = C.llama_context_default_params()
         # What llama_cpp.Llama sets (the C defaults differ: flash attention auto, 4 threads, YaRN -1),
         # because those defaults change the logits.
@@ -256,7 +264,7 @@ class Context:
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
         cparams.rope_scaling_type = C.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED
-        cparams.pooling_type = C.LLAMA_POOLING_TYPE_MEAN if embeddings else C.LLAMA_POOLING_TYPE_UNSPECIFIED
+        cparams.pooling_type = C.LLAMA_POOLING_TYPE_NONE if embeddings else C.LLAMA_POOLING_TYPE_UNSPECIFIED
         cparams.attention_type = C.LLAMA_ATTENTION_TYPE_UNSPECIFIED
         cparams.rope_freq_base = 0
         cparams.rope_freq_scale = 0
@@ -269,7 +277,7 @@ class Context:
         cparams.offload_kqv = True
         cparams.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.no_perf = False
-        cparams.kv_unified = False  # attention only over a sequence's own cells
+        cparams.kv_unified = kv_unified  # False: each sequence has cells of its own
         _log_tail.clear()
         with _quiet_fds():
             ptr = C.llama_init_from_model(model.ptr, cparams)
@@ -295,12 +303,18 @@ class Context:
             raise RuntimeError(f"no logits for batch row {row}")
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
 
-    def sequence_embedding(self, seq: int) -> np.ndarray:
-        """The pooled embedding of a sequence (embedding contexts only), a copy."""
-        ptr = C.llama_get_embeddings_seq(self.ptr, seq)
+    def token_embeddings(self, n_rows: int) -> np.ndarray:
+        """The final hidden state of each of the last decode's `n_rows` batch rows, in batch order
+        (embedding contexts only: every row is an output there), as an (n_rows, n_embd) copy."""
+        ptr = C.llama_get_embeddings(self.ptr)
         if not ptr:
-            raise RuntimeError(f"no embedding for sequence {seq}")
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_embd(),)).copy()
+            raise RuntimeError("no token embeddings (not an embedding context?)")
+        dim = int(C.llama_model_n_embd_out(self.model.ptr)) or self.model.n_embd()
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, dim)).copy()
+
+    def clear(self) -> None:
+        """Drop every sequence's cells."""
+        C.llama_memory_clear(self.mem, True)
 
     def forget(self, seq: int, start: int = -1) -> None:
         """Drop a sequence's cells from position `start` on (-1: all of them)."""

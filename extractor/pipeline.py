@@ -31,6 +31,7 @@ from extractor.choice import (
     head_candidate,
 )
 from extractor.dragon_io import Job, JobError
+from extractor.embeddings import embedding_head_wanted, train_embedding_head
 from extractor.fewshot import NeighbourVote, Retriever, example_picker
 from extractor.generation import CaseAnswer, TimeBudget, answer_cases
 from extractor.heads import train_heads
@@ -166,12 +167,17 @@ class JobRun:
         prior = TrainingPrior(job.train, job.task_type)
         vote = NeighbourVote(job.train, job.task_type, self.retriever, self.settings.vote_k) if job.train else None
         candidates: list[Candidate] = []
+        seed = self.settings.seed if self.settings.seed is not None else job.config.jobid
         if kind not in REFERENCE_BACKENDS and self.settings.heads:
-            seed = self.settings.seed if self.settings.seed is not None else job.config.jobid
             try:
                 candidates += [head_candidate(h) for h in train_heads(job.train, job.task_type, seed=seed)]
             except Exception as err:  # noqa: BLE001 - the vote and the prior still answer
                 log.warning("the heads could not be trained (%s); the vote and the prior remain", err)
+        if kind == "llama" and embedding_head_wanted(self.settings.embedding_head, self.settings.gpu):
+            self.open_model()  # the model file and its hash, needed now by the embedding pass
+            assert self.backend is not None and self.backend.model_path is not None
+            head = train_embedding_head(job, self.backend.model_path, self.backend.model_sha256, self.settings, seed)
+            candidates += [head_candidate(head)] if head is not None else []
         if vote is not None and kind != "prior":
             candidates.append(fallback_candidate(vote, job.task_type))
         if kind != "knn" or vote is None:
@@ -211,7 +217,10 @@ class JobRun:
 
     def open_model(self) -> None:
         """The backend's tokenizer (and, for llama, the model file's hash); the model loads later."""
-        # Only reached when the model is asked (process.py runs it under `run.ask_model`).
+        # Reached when the model is asked (process.py runs it under `run.ask_model`), and earlier
+        # by train_heads for the embedding head: opened once.
+        if self.backend is not None:
+            return
         self.backend = open_backend(self.backend_kind, self.settings, self.job, self.tf, self.ground_truth)
         if self.backend.model_path is not None:
             self.summary.model, self.summary.model_sha256 = self.backend.model_path.name, self.backend.model_sha256

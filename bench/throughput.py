@@ -1,6 +1,7 @@
 """Throughput: the naive high-level loop against the batched engine at N = 1, 4, 8, 16.
 
     python bench/throughput.py --job DIR [--model PATH] [--max-cases N] [--settings naive,1,4,8,16]
+    python bench/throughput.py --replay test/goldens/fixtures.json   # forced steps, no weights
 
 The job's requests are built as process.py builds them, without solved examples (load_job, the
 model's tokenizer and chat template, PromptBuilder; context sized as process.py sizes it). Then,
@@ -245,6 +246,70 @@ def agreement(ref: dict[str, Any], other: dict[str, Any]) -> tuple[float, float,
     return same_text / n, same_answer / n, same_best / n, worst
 
 
+def replay_steps(goldens: Path, model: Path) -> list[tuple[str, int, float, float]]:
+    """Decode steps per answer, token by token against forced runs, on the same answers: each
+    stored answer (scripts/engine_goldens.py's file) is replayed through the real grammar and
+    vocabulary (no weights) with logits that make the model write that text's tokens. Per job:
+    (job, answers, steps token by token, steps with forced runs)."""
+    import numpy as np
+    import orjson
+
+    from extractor.backend import Request
+    from extractor.decoder import Decoder, EngineStats, Phase, byte_probe
+    from extractor.engine import Grammars
+    from extractor.llama_api import Model
+
+    vocab = Model(model, vocab_only=True)
+    grammars = Grammars(vocab)
+    probe = byte_probe(vocab, vocab.n_vocab, [vocab.eos])
+
+    def play(req: Request, target: bytes, forced: bool) -> int:
+        def logits(text: bytes) -> np.ndarray:
+            v = np.zeros(vocab.n_vocab, dtype=np.float32)
+            if text == target:
+                v[vocab.eos] = 10.0
+            elif target.startswith(text):
+                v[vocab.text_tokens(target[len(text) :].decode("utf-8", "ignore"))[0]] = 10.0
+            return v
+
+        dec = Decoder(
+            req, [1, 2], req.max_tokens, grammars.compiled(req.schema).clone(), vocab, EngineStats(),
+            n_ctx=1 << 16, batch_room=512, probe=probe if forced else None,
+        )  # fmt: skip
+        cache = [1, 2]
+        while dec.result is None:
+            feed = dec.feed()
+            toks = list(feed.tokens)
+
+            def row(j: int, seen: list[int] = cache + toks, at: int = len(cache)) -> np.ndarray:
+                return logits(b"".join(vocab.piece(t) for t in seen[2 : at + j + 1]))
+
+            dec.evaluated(len(toks), row)
+            if feed.phase is not Phase.SCORE:
+                cache += toks
+        dec.close()
+        if dec.result is None or dec.result.text.encode() != target:
+            raise RuntimeError(f"{req.uid}: the replay did not write the stored answer")
+        return dec.steps
+
+    record = orjson.loads(goldens.read_bytes())
+    out = []
+    for job in record["jobs"]:
+        steps = {False: 0, True: 0}
+        for r in job["requests"]:
+            req = Request(
+                r["uid"], (), "", 0, r["schema"], r["max_tokens"], {k: tuple(v) for k, v in r["choices"].items()}
+            )
+            text = record["results"][job["job"]][r["uid"]]["text"].encode()
+            for forced in steps:
+                steps[forced] += play(req, text, forced)
+        n = len(job["requests"])
+        out.append((job["job"], n, steps[False] / n, steps[True] / n))
+    grammars.close()
+    vocab.close()
+    return out
+
+
 def steps_per_answer(r: dict[str, Any]) -> float:
     """Evaluations of a sequence after its prompt (decode steps and candidate-literal scoring), per answer."""
     extra = r.get("extra", {})
@@ -253,7 +318,13 @@ def steps_per_answer(r: dict[str, Any]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", type=Path, required=True, help="DRAGON job folder")
+    parser.add_argument("--job", type=Path, default=None, help="DRAGON job folder")
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="instead: steps per answer token by token vs forced runs on a goldens file's answers (no weights)",
+    )
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--max-cases", type=int, default=None)
     parser.add_argument(
@@ -273,6 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         from extractor.engine import available_cores
 
         args.threads = available_cores()
+    if args.replay:
+        rows = replay_steps(args.replay, args.model)
+        for job, n, old, new in rows:
+            print(f"{job:40} {n:4} answers: {old:6.1f} -> {new:6.1f} steps per answer ({1 - new / old:.1%} fewer)")
+        n_all = sum(r[1] for r in rows)
+        old_all, new_all = (sum(r[1] * r[k] for r in rows) / n_all for k in (2, 3))
+        print(f"{'all':40} {n_all:4} answers: {old_all:6.1f} -> {new_all:6.1f} ({1 - new_all / old_all:.1%} fewer)")
+        return 0
+    if args.job is None:
+        parser.error("--job is required")
     if args.worker:
         worker(args)
         return 0

@@ -334,7 +334,7 @@ class Engine:
         n_seq: int | None = None,
         *,
         exact: bool | None = None,
-        forced_runs: bool = False,
+        forced_runs: bool = True,
     ):
         self.options = options
         self.closed = False
@@ -443,7 +443,7 @@ class Engine:
                 self.ctx.forget(seq)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Mean-pooled final hidden states of texts, (n, n_embd) float32, for trained heads.
+        """Mean-pooled, L2-normalised hidden-state vectors of texts, for trained heads: not yet.
 
         A second context on the same weights, with embeddings on and llama.cpp's pooling off
         (`extractor.embeddings` says why: its mean pooling aborts in graph reservation when n_ubatch

@@ -443,7 +443,7 @@ class Engine:
                 self.ctx.forget(seq)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Mean-pooled, L2-normalised hidden-state vectors of texts, for trained heads: not yet.
+        """Mean-pooled final hidden states of texts, (n, n_embd) float32, for trained heads.
 
         A second context on the same weights, with embeddings on and llama.cpp's pooling off
         (`extractor.embeddings` says why: its mean pooling aborts in graph reservation when n_ubatch

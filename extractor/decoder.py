@@ -12,6 +12,12 @@ tested with scripted logits (test/test_decoder.py):
   literal's terminator included (multi-token literals: the first token from the current logits,
   the others from evaluating the literal, which is then forgotten). The most likely literal is
   forced (grammar permitting), so the answer and its scores agree.
+* Forced runs: after each written token, the text the grammar allows in exactly one way (the rest
+  of a key, the opening brace, the end) is worked out byte by byte (`forced_run`, with the one-
+  token-per-byte `Probe`) and fed with that token as one multi-token feed, so the steps left are
+  the ones where the model chooses. A run never passes a scored field's value start, and its last
+  token is left to the model (it merges with what follows, such as '":'). `steps` counts a
+  sequence's evaluations after its prompt.
 * The token budget, end-of-generation, and the Result.
 
 The grammar and the vocabulary sit behind the small protocols below (llama.cpp's in

@@ -43,7 +43,7 @@ from extractor.prior import Fallback, TrainingPrior
 from extractor.prompts import PromptBuilder
 from extractor.settings import Settings
 from extractor.summary import RunSummary
-from extractor.taskfiles import Reasoning, Taskfile, load_taskfiles, taskfile_for_job
+from extractor.taskfiles import Taskfile, load_taskfiles, taskfile_for_job
 from extractor.translate import translate_cases
 
 log = logging.getLogger("pipeline")
@@ -72,7 +72,7 @@ def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
     """Command-line overrides of the Taskfile's reasoning, examples and output budget."""
     update: dict[str, Any] = {}
     if settings.reasoning != "auto":
-        update["reasoning"] = Reasoning(enabled=settings.reasoning == "on", max_chars=tf.reasoning.max_chars)
+        update["reasoning"] = tf.reasoning.model_copy(update={"enabled": settings.reasoning == "on"})
     if settings.max_output_tokens is not None:
         update["max_output_tokens"] = max(8, min(tf.max_output_tokens, settings.max_output_tokens))
     if settings.examples != "auto" or settings.k is not None:

@@ -51,6 +51,9 @@ BATCH_TOKENS_GPU = 2048
 MAX_SEQS = 64  # reports per llama_decode at most
 CACHE_CHUNK = 256  # texts embedded between two saves of the cache
 VERSION = 1  # part of the cache key: bump when the vectors change meaning
+# The embedding pass may take at most this share of the time left (`--time-limit`): past it the
+# head is given up (the vectors done stay cached) and the time goes to the model's answers.
+EMBED_SHARE = 0.25
 KEY_BYTES = 32  # a text's key: the SHA-256 of its UTF-8 bytes
 
 
@@ -191,6 +194,8 @@ class CachedEmbedder:
 
     embed: Callable[[Sequence[str]], np.ndarray] | None
     path: Path | None = None
+    seconds_left: Callable[[], float | None] | None = None  # the job's time budget, if it has one
+    clock: Callable[[], float] = time.perf_counter
     hits: int = 0
     misses: int = 0
     _vectors: dict[bytes, np.ndarray] = field(default_factory=dict)
@@ -221,7 +226,9 @@ class CachedEmbedder:
             if self.embed is None:
                 raise RuntimeError(f"{len(todo)} texts are not in the embedding cache and no model is open")
             by_key = {k: t for k, t in zip(keys, texts, strict=True)}
+            started = self.clock()
             for at in range(0, len(todo), CACHE_CHUNK):
+                self._check_budget(started, at, len(todo))
                 chunk = todo[at : at + CACHE_CHUNK]
                 vectors = np.asarray(self.embed([by_key[k] for k in chunk]), dtype=np.float32)
                 if vectors.shape[0] != len(chunk):
@@ -230,6 +237,19 @@ class CachedEmbedder:
                 self.misses += len(chunk)
                 self._save()
         return np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
+
+    def _check_budget(self, started: float, done: int, total: int) -> None:
+        """Raise TimeoutError when the texts left, at the rate so far, would take more than
+        EMBED_SHARE of the time left."""
+        left = self.seconds_left() if self.seconds_left is not None and done else None
+        if left is None:
+            return
+        projected = (self.clock() - started) / done * (total - done)
+        if projected > EMBED_SHARE * left:
+            raise TimeoutError(
+                f"embedding {total - done} more reports would take about {projected:.0f} s, more than "
+                f"{EMBED_SHARE:.0%} of the {left:.0f} s left ({done} embedded and cached)"
+            )
 
     def _save(self) -> None:
         if self.path is None:
@@ -262,7 +282,12 @@ def embedding_head_wanted(setting: str, gpu: str) -> bool:
 
 
 def train_embedding_head(
-    job: Job, model_path: Path, model_sha256: str, settings: Settings, seed: int
+    job: Job,
+    model_path: Path,
+    model_sha256: str,
+    settings: Settings,
+    seed: int,
+    seconds_left: Callable[[], float | None] | None = None,
 ) -> EmbeddingHead | None:
     """The embedding head for a job, or None with a log line (NER, too few records, a failure:
     the other candidates still answer)."""
@@ -270,14 +295,20 @@ def train_embedding_head(
         log.info("embedding head: not for NER tasks")
         return None
     try:
-        embed = embed_job(job, model_path, model_sha256, settings)
+        embed = embed_job(job, model_path, model_sha256, settings, seconds_left)
         return EmbeddingHead(embed).fit(job.train, job.task_type, seed=seed)
     except Exception as err:  # noqa: BLE001 - one failed candidate must not end the job
         log.warning("the embedding head could not be trained (%s); the other candidates remain", err)
         return None
 
 
-def embed_job(job: Job, model_path: Path, model_sha256: str, settings: Settings) -> CachedEmbedder:
+def embed_job(
+    job: Job,
+    model_path: Path,
+    model_sha256: str,
+    settings: Settings,
+    seconds_left: Callable[[], float | None] | None = None,
+) -> CachedEmbedder:
     """Every report of the job embedded (training, validation and test: the head predicts the last
     two later, from the cache, after the model is closed). The model is loaded only when some
     report is not cached yet; the cache lives in the work folder when it is writable."""
@@ -289,7 +320,7 @@ def embed_job(job: Job, model_path: Path, model_sha256: str, settings: Settings)
     except JobError as err:
         log.warning("%s; the embedding cache stays in memory", err)
         path = None
-    cache = CachedEmbedder(None, path)
+    cache = CachedEmbedder(None, path, seconds_left)
     texts = [c.content for c in (*job.train, *job.validation, *job.test)]
     if not cache.missing(texts):
         log.info("embedding pass: all %d reports cached in %s", len(texts), path)

@@ -176,7 +176,8 @@ class JobRun:
         if kind == "llama" and embedding_head_wanted(self.settings.embedding_head, self.settings.gpu):
             self.open_model()  # the model file and its hash, needed now by the embedding pass
             assert self.backend is not None and self.backend.model_path is not None
-            head = train_embedding_head(job, self.backend.model_path, self.backend.model_sha256, self.settings, seed)
+            path, sha = self.backend.model_path, self.backend.model_sha256
+            head = train_embedding_head(job, path, sha, self.settings, seed, self.budget.seconds_left)
             candidates += [head_candidate(head)] if head is not None else []
         if vote is not None and kind != "prior":
             candidates.append(fallback_candidate(vote, job.task_type))

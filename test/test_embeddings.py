@@ -54,6 +54,28 @@ def test_mean_pool_averages_each_span_and_checks_the_row_count() -> None:
 # -- the cache ----------------------------------------------------------------------------------------
 
 
+def test_the_pass_stops_when_the_rest_would_take_more_than_its_share_of_the_time_left(tmp_path: Path) -> None:
+    """Each chunk costs 100 s of a fake clock; with 1,000 s left the first chunk's rate projects
+    100 s for the second chunk, within EMBED_SHARE; with 300 s left it is over, and the pass stops
+    with the first chunk cached."""
+    from extractor import embeddings
+
+    now = [0.0]
+
+    def slow(texts):
+        now[0] += 100.0
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    texts = [f"verslag {i}" for i in range(2 * embeddings.CACHE_CHUNK)]
+    roomy = CachedEmbedder(slow, None, lambda: 1000.0, clock=lambda: now[0])
+    assert roomy(texts).shape == (len(texts), 2)
+    path = cache_path(tmp_path, model_key("tight"))
+    tight = CachedEmbedder(slow, path, lambda: 300.0, clock=lambda: now[0])
+    with pytest.raises(TimeoutError, match="more than 25% of the 300 s left"):
+        tight(texts)
+    assert CachedEmbedder(None, path).missing(texts) == embeddings.CACHE_CHUNK  # the first chunk is kept
+
+
 class CountingEmbedder:
     """A fake embedder: the text's length and vowel count, remembering every text it was asked."""
 

@@ -68,13 +68,22 @@ def context_for(longest_prompt: int, tf: Taskfile) -> int:
     return -(-(longest_prompt + 2 * tf.max_output_tokens + 16) // CONTEXT_STEP) * CONTEXT_STEP
 
 
+CHARS_PER_TOKEN = 3  # a cautious average for the reasoning text's token count
+
+
 def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
-    """Command-line overrides of the Taskfile's reasoning, examples and output budget."""
+    """Command-line overrides of the Taskfile's reasoning, examples and output budget. Reasoning
+    switched on where the Taskfile has it off also gets room: its `max_chars` in tokens on top of
+    the Taskfile's budget, which was sized for the answer alone."""
     update: dict[str, Any] = {}
+    budget = tf.max_output_tokens
     if settings.reasoning != "auto":
         update["reasoning"] = tf.reasoning.model_copy(update={"enabled": settings.reasoning == "on"})
+        if settings.reasoning == "on" and not tf.reasoning.enabled:
+            budget = min(8192, budget + -(-tf.reasoning.max_chars // CHARS_PER_TOKEN))
+            update["max_output_tokens"] = budget
     if settings.max_output_tokens is not None:
-        update["max_output_tokens"] = max(8, min(tf.max_output_tokens, settings.max_output_tokens))
+        update["max_output_tokens"] = max(8, min(budget, settings.max_output_tokens))
     if settings.examples != "auto" or settings.k is not None:
         strategy = tf.examples.strategy if settings.examples == "auto" else settings.examples
         k = tf.examples.k if settings.k is None else settings.k

@@ -34,3 +34,15 @@ def test_the_reasoning_flag_switches_reasoning_and_keeps_the_rest_of_its_setting
 def test_auto_reasoning_keeps_the_taskfile_as_it_is() -> None:
     tf = taskfile({"enabled": True, "max_chars": 50})
     assert apply_settings(tf, parse_settings([])) is tf
+
+
+def test_reasoning_switched_on_by_the_flag_gets_room_in_the_output_budget() -> None:
+    """A Taskfile without reasoning sizes its budget for the answer alone (64 tokens for Task101):
+    `--reasoning on` adds max_chars / 3 tokens, and `--max-output-tokens` still caps the total."""
+    tf = taskfile({"enabled": False, "max_chars": 300}).model_copy(update={"max_output_tokens": 64})
+    assert apply_settings(tf, parse_settings(["--reasoning", "on"])).max_output_tokens == 164
+    capped = apply_settings(tf, parse_settings(["--reasoning", "on", "--max-output-tokens", "100"]))
+    assert capped.max_output_tokens == 100
+    assert apply_settings(tf, parse_settings(["--reasoning", "off"])).max_output_tokens == 64
+    planned = taskfile({"enabled": True, "max_chars": 300}).model_copy(update={"max_output_tokens": 200})
+    assert apply_settings(planned, parse_settings(["--reasoning", "on"])).max_output_tokens == 200

@@ -226,9 +226,7 @@ def choose_with_model(
     """Round 2: the base against the model's variants (the model alone, blends, example
     strategies), all on the same validation sample; variants listed cheapest first. The model
     alone wins a tie with the base; a blend (named in `blends`) must beat the base outright, as a
-    blend that only ties it is the base at the model's cost. On a one-class sample where every
-    candidate scores the same (kappa and AUC are 0 for any answer: Task103's first validation
-    cases), the sample says nothing and the base stays. With `per_field` (multi-label tasks)
+    blend that only ties it is the base at the model's cost. With `per_field` (multi-label tasks)
     the best model variant and the base are also mixed per field; a mix that wins outright is
     chosen as `"<variant>|<base> per field"`, its `sources` naming each position's side."""
     truths = [c.label for c in sample]
@@ -241,12 +239,6 @@ def choose_with_model(
     order = [*alone, base.name, *(name for name in model_variants if name in blends)]
     cost = {name: i for i, name in enumerate(order)}
     choice = pick(scored, cost)
-    valid = {round(s.score, DECIMALS) for s in scored if s.score is not None}
-    one_class = len({repr(t) for t in truths}) == 1
-    if one_class and len(valid) == 1:
-        log.info("validation (%d cases): one class, every candidate scores %.3f; keeping the base", len(sample), *valid)
-        choice.chosen = base.name  # a sample that cannot tell them apart is no reason to run the model
-        return choice
     model_scored = [s for s in scored if s.name in model_variants and s.score is not None]
     if per_field and model_scored and base.name in values and sample:
         best_model = pick(model_scored, cost).chosen

@@ -10,9 +10,12 @@ Two rounds, because the model is costly and the heads are not:
 2. the model answers the first N validation cases; the model alone and its blends with the
    base are compared with the base on those same N cases. The model answers the test set only if
    one of them beats the base.
-Ties in round 1 go to the more specific candidate (heads, then the vote, then the prior); in round
-2 the model alone wins a tie with the base (the base must beat it outright), and a blend must beat
-the base outright (tied, it is the base at the model's cost).
+A tie on the metric (to DECIMALS) goes to the candidate whose answers agree with more of the labels
+(`agreement`): a sample on which the metric cannot separate the candidates, such as kappa on a
+validation sample of one class (0 for every candidate), still says who answered more of it right.
+Past that, ties in round 1 go to the more specific candidate (heads, then the vote, then the
+prior); in round 2 the model alone wins a tie with the base (the base must beat it outright), and a
+blend must beat the base outright (tied, it is the base at the model's cost).
 
 On multi-label tasks each round also tries a per-field mix: from the round's winner, each label
 position is taken from another candidate (round 2: the model or the base) when that raises the
@@ -58,6 +61,7 @@ class Scored:
     score: float | None  # None: the candidate failed on these cases
     cases: int
     error: str | None = None
+    agreement: float = 0.0  # share of label positions answered right: the tie-breaker after the score
 
 
 @dataclass
@@ -90,6 +94,29 @@ class Choice:
         }
 
 
+def agreement(truths: Sequence[Any], values: Sequence[Any]) -> float:
+    """The share of label positions answered exactly (lists compared position by position, NER tags
+    tag by tag); a probability answers a 0/1 label by which side of 0.5 it is on."""
+    counts = [0, 0]  # right, positions
+
+    def walk(truth: Any, value: Any) -> None:
+        if isinstance(truth, list | tuple) and isinstance(value, list | tuple) and len(truth) == len(value):
+            for t, v in zip(truth, value, strict=True):
+                walk(t, v)
+            return
+        counts[1] += 1
+        counts[0] += _same(truth, value)
+
+    walk(list(truths), list(values))
+    return counts[0] / counts[1] if counts[1] else 0.0
+
+
+def _same(truth: Any, value: Any) -> bool:
+    if isinstance(value, float) and isinstance(truth, bool | int) and truth in (0, 1) and 0.0 <= value <= 1.0:
+        return (value >= 0.5) == bool(truth)
+    return bool(truth == value)
+
+
 def score_candidates(
     predictions: Mapping[str, Callable[[], list[Any]]],
     truths: Sequence[Any],
@@ -104,7 +131,7 @@ def score_candidates(
             values = predict()
             if len(values) != len(truths):
                 raise ValueError(f"{len(values)} predictions for {len(truths)} cases")
-            scored.append(Scored(name, float(metric(truths, values)), len(truths)))
+            scored.append(Scored(name, float(metric(truths, values)), len(truths), agreement=agreement(truths, values)))
             if values_out is not None:
                 values_out[name] = values
         except Exception as err:  # noqa: BLE001 - one broken candidate must not end the job
@@ -167,13 +194,28 @@ def mixed_candidate(sources: Sequence[Candidate]) -> Candidate:
 
 
 def pick(scored: Sequence[Scored], cost: Mapping[str, int]) -> Choice:
-    """The best score; ties (to DECIMALS) go to the lower cost, then to the earlier candidate.
-    With no valid score at all, the first candidate (the cheapest fallback) is chosen."""
+    """The best score; ties (to DECIMALS) go to the higher agreement with the labels, then to the
+    lower cost, then to the earlier candidate. With no valid score at all, the first candidate (the
+    cheapest fallback) is chosen."""
     order = {s.name: i for i, s in enumerate(scored)}
     valid = [s for s in scored if s.score is not None]
     if not valid:
         return Choice(scored[0].name if scored else "", list(scored))
-    best = max(valid, key=lambda s: (round(s.score or 0.0, DECIMALS), -cost.get(s.name, 0), -order[s.name]))
+
+    def rank(s: Scored) -> tuple[float, float, int, int]:
+        return round(s.score or 0.0, DECIMALS), round(s.agreement, DECIMALS), -cost.get(s.name, 0), -order[s.name]
+
+    best = max(valid, key=rank)
+    tied = [s for s in valid if s is not best and rank(s)[0] == rank(best)[0]]
+    if any(rank(s)[1] < rank(best)[1] for s in tied):
+        log.info(
+            "%d candidates tie at %.3f: %s agrees with more labels (%.3f; %s)",
+            len(tied) + 1,
+            best.score or 0.0,
+            best.name,
+            best.agreement,
+            ", ".join(f"{s.name} {s.agreement:.3f}" for s in tied),
+        )
     return Choice(best.name, list(scored))
 
 

@@ -12,6 +12,7 @@ from conftest import write_job
 
 import process
 from extractor.choice import Candidate, Precomputed, Scored, choose_base, choose_with_model, mix_per_field, pick
+from extractor.choice import agreement as label_agreement
 from extractor.dragon_io import Case, load_job, verify_predictions
 from extractor.settings import parse_settings
 
@@ -72,6 +73,40 @@ def test_the_model_wins_ties_and_the_base_must_win_outright() -> None:
         base, {"llm+head@0.5": lambda cases: ["a"] * len(cases)}, VAL, agreement, blends=["llm+head@0.5"]
     )
     assert blend_tie.chosen == "head"  # a blend that only ties the base is the base at the model's cost
+
+
+def test_agreement_counts_label_positions_answered_right() -> None:
+    assert label_agreement(["a", "b", "b", "a"], ["a", "b", "a", "a"]) == 0.75
+    assert label_agreement([[1, 0], [0, 0]], [[0.9, 0.6], [0.2, 0.4]]) == 0.75  # probabilities read at 0.5
+    assert label_agreement([True, False], [0.5, 0.49]) == 1.0
+    assert label_agreement([["O", "B-x", "I-x"]], [["O", "B-x", "O"]]) == pytest.approx(2 / 3)  # NER: tag by tag
+    assert label_agreement([2.5, 3.0], [2.5, 3.1]) == 0.5
+    assert label_agreement([["a", "b"]], [["a"]]) == 0.0  # a wrong shape is one wrong position
+    assert label_agreement([], []) == 0.0
+
+
+def test_a_tie_on_the_metric_goes_to_the_candidate_that_agrees_with_more_labels(caplog) -> None:
+    scored = [Scored("cheap", 0.5, 4, agreement=0.5), Scored("dear", 0.5, 4, agreement=0.75)]
+    with caplog.at_level(logging.INFO):
+        assert pick(scored, {"cheap": 0, "dear": 1}).chosen == "dear"
+    assert "dear agrees with more labels" in caplog.text
+    assert pick([Scored("cheap", 0.5, 4, agreement=0.5), Scored("dear", 0.6, 4)], {"dear": 1}).chosen == "dear"
+
+
+def test_a_one_class_sample_the_metric_cannot_separate_goes_to_the_more_right_answers() -> None:
+    """Kappa on a validation sample of one class is 0 for every candidate (Task103's first 8
+    validation cases): the model must not win that tie when it answers fewer of the cases right."""
+    one_class = [Case(str(i), text="x", label="entailment") for i in range(8)]
+
+    def kappa_like(truths, values) -> float:
+        return 0.0  # undefined on one class, counted as 0 like dragon-eval's NaN
+
+    base = const("head", "entailment")
+    chance = {"llm": lambda cases: ["entailment", "neutral"] * (len(cases) // 2)}
+    assert choose_with_model(base, chance, one_class, kappa_like).chosen == "head"
+    perfect = {"llm": lambda cases: ["entailment"] * len(cases)}
+    assert choose_with_model(base, perfect, one_class, kappa_like).chosen == "llm"  # all right too: the model's tie
+    assert choose_with_model(const("prior", "neutral"), perfect, one_class, kappa_like).chosen == "llm"
 
 
 def test_precomputed_answers_are_computed_once_and_looked_up() -> None:

@@ -11,8 +11,9 @@ Two rounds, because the model is costly and the heads are not:
    base are compared with the base on those same N cases. The model answers the test set only if
    one of them beats the base.
 A tie on the metric (to DECIMALS) goes to the candidate whose answers agree with more of the labels
-(`agreement`): a sample on which the metric cannot separate the candidates, such as kappa on a
-validation sample of one class (0 for every candidate), still says who answered more of it right.
+(`agreement`; probabilities on AUROC fields do not count): a sample on which the metric cannot
+separate the candidates, such as kappa on a validation sample of one class (0 for every
+candidate), still says who answered more of it right.
 Past that, ties in round 1 go to the more specific candidate (heads, then the vote, then the
 prior); in round 2 the model alone wins a tie with the base (the base must beat it outright), and a
 blend must beat the base outright (tied, it is the base at the model's cost).
@@ -96,7 +97,9 @@ class Choice:
 
 def agreement(truths: Sequence[Any], values: Sequence[Any]) -> float:
     """The share of label positions answered exactly (lists compared position by position, NER tags
-    tag by tag); a probability answers a 0/1 label by which side of 0.5 it is on."""
+    tag by tag). A probability against a 0/1 label does not count: AUC judges it by its rank, which
+    the metric has already scored, and a cut at 0.5 would break a tie of two perfect rankings at
+    random."""
     counts = [0, 0]  # right, positions
 
     def walk(truth: Any, value: Any) -> None:
@@ -104,17 +107,17 @@ def agreement(truths: Sequence[Any], values: Sequence[Any]) -> float:
             for t, v in zip(truth, value, strict=True):
                 walk(t, v)
             return
+        if _is_probability(truth, value):
+            return
         counts[1] += 1
-        counts[0] += _same(truth, value)
+        counts[0] += bool(truth == value)
 
     walk(list(truths), list(values))
     return counts[0] / counts[1] if counts[1] else 0.0
 
 
-def _same(truth: Any, value: Any) -> bool:
-    if isinstance(value, float) and isinstance(truth, bool | int) and truth in (0, 1) and 0.0 <= value <= 1.0:
-        return (value >= 0.5) == bool(truth)
-    return bool(truth == value)
+def _is_probability(truth: Any, value: Any) -> bool:
+    return isinstance(value, float) and isinstance(truth, bool | int) and truth in (0, 1) and 0.0 <= value <= 1.0
 
 
 def score_candidates(

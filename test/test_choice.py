@@ -77,8 +77,8 @@ def test_the_model_wins_ties_and_the_base_must_win_outright() -> None:
 
 def test_agreement_counts_label_positions_answered_right() -> None:
     assert label_agreement(["a", "b", "b", "a"], ["a", "b", "a", "a"]) == 0.75
-    assert label_agreement([[1, 0], [0, 0]], [[0.9, 0.6], [0.2, 0.4]]) == 0.75  # probabilities read at 0.5
-    assert label_agreement([True, False], [0.5, 0.49]) == 1.0
+    assert label_agreement([[1, 0], [0, 0]], [[0.9, 0.6], [0.2, 0.4]]) == 0.0  # AUC ranks probabilities: no count
+    assert label_agreement([[True, "a"], [False, "b"]], [[0.2, "a"], [0.9, "a"]]) == 0.5  # only the labels count
     assert label_agreement([["O", "B-x", "I-x"]], [["O", "B-x", "O"]]) == pytest.approx(2 / 3)  # NER: tag by tag
     assert label_agreement([2.5, 3.0], [2.5, 3.1]) == 0.5
     assert label_agreement([["a", "b"]], [["a"]]) == 0.0  # a wrong shape is one wrong position
@@ -107,6 +107,18 @@ def test_a_one_class_sample_the_metric_cannot_separate_goes_to_the_more_right_an
     perfect = {"llm": lambda cases: ["entailment"] * len(cases)}
     assert choose_with_model(base, perfect, one_class, kappa_like).chosen == "llm"  # all right too: the model's tie
     assert choose_with_model(const("prior", "neutral"), perfect, one_class, kappa_like).chosen == "llm"
+
+
+def test_two_perfect_rankings_tie_and_the_model_wins_as_before() -> None:
+    """AUC 1.0 for both: how the probabilities fall around 0.5 must not decide (the model's tie)."""
+    ranked = [Case(str(i), text="x", label=i >= 2) for i in range(4)]
+    base = Candidate("head", lambda cases: [0.9 if c.label else 0.1 for c in cases])
+    model = {"llm": lambda cases: [0.8 if c.label else 0.6 for c in cases]}  # all above 0.5, still ranked right
+
+    def auc_like(truths, values) -> float:
+        return 1.0
+
+    assert choose_with_model(base, model, ranked, auc_like).chosen == "llm"
 
 
 def test_precomputed_answers_are_computed_once_and_looked_up() -> None:

@@ -43,7 +43,7 @@ from extractor.prior import Fallback, TrainingPrior
 from extractor.prompts import PromptBuilder
 from extractor.settings import Settings
 from extractor.summary import RunSummary
-from extractor.taskfiles import Taskfile, load_taskfiles, taskfile_for_job
+from extractor.taskfiles import MAX_OUTPUT_TOKENS, Taskfile, load_taskfiles, taskfile_for_job
 from extractor.translate import translate_cases
 
 log = logging.getLogger("pipeline")
@@ -80,7 +80,7 @@ def apply_settings(tf: Taskfile, settings: Settings) -> Taskfile:
     if settings.reasoning != "auto":
         update["reasoning"] = tf.reasoning.model_copy(update={"enabled": settings.reasoning == "on"})
         if settings.reasoning == "on" and not tf.reasoning.enabled:
-            budget = min(8192, budget + -(-tf.reasoning.max_chars // CHARS_PER_TOKEN))
+            budget = min(MAX_OUTPUT_TOKENS, budget + -(-tf.reasoning.max_chars // CHARS_PER_TOKEN))
             update["max_output_tokens"] = budget
     if settings.max_output_tokens is not None:
         update["max_output_tokens"] = max(8, min(budget, settings.max_output_tokens))

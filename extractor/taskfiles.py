@@ -155,6 +155,9 @@ class NerSpec(BaseModel):
         return [(tuple(tags), self.type_descriptions.get(key)) for key, tags in groups.items()]
 
 
+MAX_OUTPUT_TOKENS = 8192  # the most one answer may get (a Taskfile, or reasoning switched on by flag)
+
+
 class Taskfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -166,7 +169,7 @@ class Taskfile(BaseModel):
     ner: NerSpec | None = None
     reasoning: Reasoning = Reasoning()
     examples: Examples = Examples()
-    max_output_tokens: int = Field(default=256, ge=8, le=8192)
+    max_output_tokens: int = Field(default=256, ge=8, le=MAX_OUTPUT_TOKENS)
     notes: str = ""
     source: str = Field(default="", exclude=True)  # where it was loaded from, for messages
 

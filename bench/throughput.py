@@ -14,7 +14,9 @@ each setting in its own subprocess so peak memory (ru_maxrss) is its own:
   `Llama.sample` (sampling, grammar included).
 * `N`: the engine (`extractor.engine.Engine`) with N parallel sequences and its CPU plan (the
   same logits whatever N is, so `same answer` against N=1 should read 100%); `Nm`: its GPU plan
-  (one llama_decode per step), for comparison; `llama`: the engine with one sequence.
+  (one llama_decode per step), for comparison; `llama`: the engine with one sequence; a trailing
+  `t` (`8t`, `1mt`): the same, fed token by token (`Engine(forced_runs=False)`), the steps before
+  forced runs.
   Time split from the engine's stats: prefill, decode, scoring (evaluating candidate labels),
   sampling (grammar checks); other = Python bookkeeping.
 
@@ -48,16 +50,14 @@ def build_requests(job_dir: Path, model: Path, max_cases: int | None, reasoning_
     the per-sequence context."""
     from extractor.dragon_io import load_job
     from extractor.engine import LlamaChat
-    from extractor.pipeline import context_for
+    from extractor.pipeline import apply_settings, context_for
     from extractor.prompts import PromptBuilder
-    from extractor.taskfiles import Reasoning, load_taskfiles, taskfile_for_job
+    from extractor.settings import parse_settings
+    from extractor.taskfiles import load_taskfiles, taskfile_for_job
 
     job = load_job(job_dir)
     tf = taskfile_for_job(job.config, job.train, load_taskfiles(REPO / "taskfiles"))
-    if reasoning_setting != "auto":  # as process.py's --reasoning does
-        tf = tf.model_copy(
-            update={"reasoning": Reasoning(enabled=reasoning_setting == "on", max_chars=tf.reasoning.max_chars)}
-        )
+    tf = apply_settings(tf, parse_settings(["--reasoning", reasoning_setting]))  # process.py's override and budget
     chat = LlamaChat.open(model)
     builder = PromptBuilder(
         tf,
@@ -162,12 +162,12 @@ def run_llama(requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: s
 
 
 def run_engine(
-    requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str, n_seq: int, exact: bool
+    requests: list[Any], model: Path, n_ctx: int, threads: int, gpu: str, n_seq: int, exact: bool, forced_runs: bool
 ) -> dict[str, Any]:
     from extractor.engine import Engine, EngineOptions
 
     options = EngineOptions(n_ctx=n_ctx, n_threads=threads, gpu=gpu, allow_cpu=True, n_seq=n_seq)
-    engine = Engine(model, options, exact=exact)
+    engine = Engine(model, options, exact=exact, forced_runs=forced_runs)
     return _drive(engine, requests)
 
 
@@ -215,9 +215,10 @@ def worker(args: argparse.Namespace) -> None:
     elif args.worker == "llama":
         out = run_llama(requests, args.model, n_ctx, args.threads, args.gpu)
     else:
-        mixed = args.worker.endswith("m")
-        n_seq = int(args.worker.rstrip("m"))
-        out = run_engine(requests, args.model, n_ctx, args.threads, args.gpu, n_seq, not mixed)
+        token_by_token = args.worker.endswith("t")
+        mixed = args.worker.rstrip("t").endswith("m")
+        n_seq = int(args.worker.rstrip("t").rstrip("m"))
+        out = run_engine(requests, args.model, n_ctx, args.threads, args.gpu, n_seq, not mixed, not token_by_token)
     out["n_ctx"] = n_ctx
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(out))
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--settings",
         default="naive,1,4,8,16",
-        help="comma list: naive, llama (one sequence), N (N sequences, CPU plan), Nm (N, the one-call GPU plan)",
+        help="comma list: naive, llama (one sequence), N (N sequences, CPU plan), Nm (N, the one-call GPU plan); "
+        "a trailing t (8t, 1mt) feeds token by token instead of with forced runs",
     )
     parser.add_argument(
         "--gpu", default="off", choices=("auto", "on", "off"), help="offload to the GPU (as process.py)"

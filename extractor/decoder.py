@@ -8,7 +8,8 @@ tested with scripted logits (test/test_decoder.py):
   and the top 2,048 tokens, and the whole vocabulary only when none of those is allowed, so the
   chosen token is always the one a full scan would choose.
 * Field scoring: where a scored field's value starts (its key and colon just written), the
-  log-likelihood of every allowed literal is read, with and without the optional space, the
+  log-likelihood of every allowed literal is read, in each spelling the grammar allows (with and
+  without a space after the colon, where it allows one; the engine's compact grammar does not), the
   literal's terminator included (multi-token literals: the first token from the current logits,
   the others from evaluating the literal, which is then forgotten). The most likely literal is
   forced (grammar permitting), so the answer and its scores agree.
@@ -428,8 +429,9 @@ class Decoder:
         self._field = name
         self._variants = []
         for literal in literals:
-            for prefix in prefixes:
-                toks = self.vocab.text_tokens(prefix + literal + self._terminators[name])
+            spellings = [self.vocab.text_tokens(prefix + literal + self._terminators[name]) for prefix in prefixes]
+            allowed = [t for t in spellings if self.grammar is None or self.grammar.allowed(t[0])]
+            for toks in allowed or spellings:  # a literal the grammar rejects outright is scored all the same
                 self._variants.append(_Variant(literal, toks, float(logp[toks[0]])))
         multi = [v for v in self._variants if len(v.tokens) > 1]
         limit = min(self.n_ctx - self.n_past, self.batch_room)

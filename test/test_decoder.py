@@ -160,7 +160,7 @@ def lp(lm: ScriptedLM, text: str, pieces: list[str]) -> float:
 def test_scores_every_literal_and_forces_the_most_likely() -> None:
     lm = ScriptedLM(['{"lesion":true,"kind":"PDAC"}'], {'{"lesion":': {"false": 2.0, "true": 1.0}})
     lm.targets.append('{"lesion":false,"kind":"PDAC"}')
-    dec = decoder(answers())
+    dec = decoder(answers() | answers(space=True))  # a grammar that allows a space after the colon
     phases = run(dec, lm)
     r = dec.result
     assert r is not None and r.finished
@@ -199,17 +199,37 @@ def test_single_token_literals_need_no_evaluation() -> None:
     dec.close()
 
 
-def test_a_forced_literal_the_grammar_rejects_falls_back_to_free_decoding() -> None:
-    # The model prefers " false," (with a space) but the grammar allows no space after the colon.
+def test_only_the_spellings_the_grammar_allows_are_scored() -> None:
+    # The model prefers " false," (with a space) but the grammar allows no space after the colon:
+    # the spaced spellings are not scored, so the scores and the answer agree on "true".
     script = {'{"lesion":': {" ": 5.0, "true": 1.0}, '{"lesion": ': {"false": 5.0}, '{"lesion": false': {",": 5.0}}
     lm = ScriptedLM(['{"lesion":true,"kind":"Other"}'], script)
     dec = decoder(answers(space=False))
     run(dec, lm)
     r = dec.result
     assert r is not None and r.finished
-    assert r.text == '{"lesion":true,"kind":"Other"}'  # greedy under the grammar: "true" (the space is not allowed)
+    assert r.text == '{"lesion":true,"kind":"Other"}'
     lik = r.likelihoods["lesion"]
-    assert max(lik, key=lik.get) == "false"  # the scores still say what the model preferred
+    assert lik["true"] == pytest.approx(lp(lm, '{"lesion":', ["true", ","]), abs=1e-6)
+    assert lik["false"] == pytest.approx(lp(lm, '{"lesion":', ["false", ","]), abs=1e-6)
+    assert max(lik, key=lik.get) == "true"
+    dec.close()
+
+
+def test_a_forced_literal_the_grammar_rejects_falls_back_to_free_decoding() -> None:
+    # The grammar takes the first token of "false," but not the comma after it (a stand-in for a
+    # literal that tokenises past what the grammar allows): the best literal cannot be forced.
+    grammar_answers = answers() | {'{"lesion":false;"kind":"Other"}'}
+    grammar_answers -= {a for a in answers() if a.startswith('{"lesion":false,')}
+    script = {'{"lesion":': {"false": 5.0, "true": 1.0}}
+    lm = ScriptedLM(['{"lesion":true,"kind":"Other"}'], script)
+    dec = decoder(grammar_answers)
+    run(dec, lm)
+    r = dec.result
+    assert r is not None and r.finished
+    assert r.text == '{"lesion":false;"kind":"Other"}'  # greedy under the grammar after the fallback
+    lik = r.likelihoods["lesion"]
+    assert max(lik, key=lik.get) == "false"
     dec.close()
 
 
@@ -344,11 +364,12 @@ def test_forced_runs_are_fed_whole_and_change_no_text_or_likelihood() -> None:
     old, new = results
     assert new.text == old.text == '{"lesion":false,"kind":"PDAC"}'
     assert new.likelihoods == old.likelihoods
-    # Token by token, every written token costs an evaluation, and each field 4 (its candidates).
+    # Token by token, every written token costs an evaluation, and each field 2 (its candidates in
+    # the one spelling the grammar allows, no space after the colon).
     # Forced: '{"lesion"' goes with the prompt (the answer's forced start '{"lesion":' but its last
     # token, which the model writes), the literal 'false,' carries '"kind"' (the run '"kind":' but
     # its last token), and the end is forced after the last literal, which is never evaluated.
-    assert steps == [15, 11]
+    assert steps == [11, 7]
     assert new.output_tokens == old.output_tokens  # the same tokens: the fake tokenizer splits runs as greedy did
     assert FakeGrammar.live == 0
 

@@ -298,6 +298,48 @@ def test_a_truncated_model_file_is_a_one_line_error(tmp_path) -> None:
     assert str(path) in message and "cannot load" in message and "\n" not in message
 
 
+@needs_model
+def test_the_grammar_allows_compact_json_only() -> None:
+    """No optional whitespace: the model cannot spend a step on a space, so the scaffolding between
+    values is forced; and no raw control character in a string, which a JSON parser rejects
+    (written byte by byte here with the vocabulary's one-byte tokens)."""
+    from extractor.engine import Grammars
+    from extractor.llama_api import Model
+
+    vocab = Model(DEFAULT_MODEL, vocab_only=True)
+    grammars = Grammars(vocab)
+    byte_token = {}
+    for token in range(vocab.n_vocab):
+        piece = vocab.piece(token)
+        if len(piece) == 1:
+            byte_token.setdefault(piece[0], token)
+
+    def accepted(text: str) -> bool:
+        grammar = grammars.compiled(REASONING_SCHEMA).clone()
+        try:
+            for byte in text.encode():
+                if not grammar.allowed(byte_token[byte]):
+                    return False
+                grammar.accept(byte_token[byte])
+            return grammar.allowed(vocab.eos)
+        finally:
+            grammar.free()
+
+    try:
+        assert accepted('{"reasoning":"a 32 mm mass","lesion":true,"kind":"PDAC","size_mm":32}')
+        assert accepted('{"reasoning":"","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{ "reasoning":"","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{"reasoning": "","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{"reasoning":"", "lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{"reasoning":"","lesion":false,"kind":"Normal pancreas","size_mm":null} ')
+        assert accepted('{"reasoning":"two\\nlines","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{"reasoning":"two\nlines","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+        assert not accepted('{"reasoning":"a\ttab","lesion":false,"kind":"Normal pancreas","size_mm":null}')
+    finally:
+        grammars.close()
+        vocab.close()
+
+
 def test_unconvertible_schema_fails_at_start_up() -> None:
     with pytest.raises(EngineError, match="cannot convert"):
         schema_to_grammar({"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}})

@@ -215,9 +215,10 @@ def worker(args: argparse.Namespace) -> None:
     elif args.worker == "llama":
         out = run_llama(requests, args.model, n_ctx, args.threads, args.gpu)
     else:
-        token_by_token = args.worker.endswith("t")
-        mixed = args.worker.rstrip("t").endswith("m")
-        n_seq = int(args.worker.rstrip("t").rstrip("m"))
+        setting = args.worker.removesuffix("t")
+        token_by_token = setting != args.worker
+        mixed = setting.endswith("m")
+        n_seq = int(setting.removesuffix("m"))
         out = run_engine(requests, args.model, n_ctx, args.threads, args.gpu, n_seq, not mixed, not token_by_token)
     out["n_ctx"] = n_ctx
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

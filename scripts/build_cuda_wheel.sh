@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the CUDA variant of the pinned llama-cpp-python for the lent H200 (sm_90), here, once.
+# Build the CUDA variant of the pinned llama-cpp-python for the lent H100 or H200 (sm_90), here, once.
 #
 # The device machine has nvcc but no network and a 10-minute command limit, and the source
 # distribution alone is 73 MB: it cannot travel, and compiling there would spend the lease. This
